@@ -1,0 +1,1 @@
+"""The data plane shared by both servers: URL -> fetch -> decode -> detect -> labels."""

@@ -1,0 +1,75 @@
+"""Turn downloaded bytes into an upright 8-bit RGB image, refusing anything unsafe or broken."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from common.errors import NotAnImage, TooLarge
+
+# Formats Pillow decodes natively and safely; others (EPS via Ghostscript, etc.) are refused.
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode ``data`` to an RGB PIL image (first frame, EXIF orientation applied)."""
+    if not data:
+        raise NotAnImage("the URL returned an empty body")
+    with warnings.catch_warnings():
+        # Pillow's own bomb check only warns below twice its limit; ours is the one that counts.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+        except Image.DecompressionBombError:
+            raise TooLarge(f"the image has more than {max_pixels} pixels") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            raise NotAnImage(
+                "the URL did not return an image in a supported format "
+                f"({', '.join(SUPPORTED_FORMATS)})"
+            ) from None
+        width, height = image.size
+        if width <= 0 or height <= 0:
+            raise NotAnImage("the image has no pixels")
+        if width * height > max_pixels:
+            raise TooLarge(f"the image is {width}x{height}, more than {max_pixels} pixels")
+        try:
+            image.seek(0)  # first frame of an animation
+            image.load()
+        except Image.DecompressionBombError:
+            raise TooLarge(f"the image has more than {max_pixels} pixels") from None
+        except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
+            raise NotAnImage(f"the image data is truncated or corrupt: {exc}") from None
+    return to_rgb(_upright(image))
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag; a broken EXIF block leaves the image as stored."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - malformed EXIF is common and never fatal
+        return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; alpha is composited over white."""
+    if image.mode in _WIDE_MODES:
+        # Scale 16-bit and 32-bit samples into 0..255 instead of clipping them.
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        if image.mode in ("I", "F") and values.max() <= 255 and values.min() >= 0:
+            top = 255.0
+        gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode != "RGB":
+        return image.convert("RGB")
+    return image

@@ -1,0 +1,119 @@
+"""Mask R-CNN (torchvision ``maskrcnn_resnet50_fpn``) with verified weights, answering COCO names.
+
+Weights come from exactly one source, chosen by configuration:
+- ``WEIGHTS_FILE`` unset: torchvision's ``MaskRCNN_ResNet50_FPN_Weights.COCO_V1`` through its
+  weights API and the torch hub cache (downloaded on first use where there is internet);
+- ``WEIGHTS_FILE=/path``: a local state-dict file, checked against ``WEIGHTS_SHA256`` if set.
+Anything else (missing, corrupt, wrong checksum, wrong architecture) raises ``ModelLoadError``;
+the model is never served with untrained weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+import torch
+from PIL import Image
+from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights, maskrcnn_resnet50_fpn
+from torchvision.transforms.functional import pil_to_tensor
+
+from common.config import Settings
+
+COCO_WEIGHTS = MaskRCNN_ResNet50_FPN_Weights.COCO_V1
+COCO_CATEGORIES: list[str] = list(COCO_WEIGHTS.meta["categories"])
+
+
+class ModelLoadError(Exception):
+    """The configured weights could not be loaded; the message says which setting to fix."""
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hub_checkpoint_path() -> str:
+    """Where torchvision's weights API keeps the COCO_V1 file in the torch hub cache."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(COCO_WEIGHTS.url))
+
+
+def _state_dict_from_file(path: str, expected_sha256: str) -> dict:
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"WEIGHTS_FILE={path} does not exist or is not a file")
+    if expected_sha256:
+        actual = sha256_of(path)
+        if actual != expected_sha256:
+            raise ModelLoadError(
+                f"WEIGHTS_FILE={path} has sha256 {actual}, but WEIGHTS_SHA256 expects "
+                f"{expected_sha256}: replace the file or fix WEIGHTS_SHA256"
+            )
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        raise ModelLoadError(
+            f"WEIGHTS_FILE={path} is not a readable PyTorch state dict (truncated or corrupt?): {exc}"
+        ) from None
+    for wrapper_key in ("model", "state_dict"):  # common training-checkpoint layouts
+        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper_key), dict):
+            loaded = loaded[wrapper_key]
+    if not isinstance(loaded, dict):
+        raise ModelLoadError(f"WEIGHTS_FILE={path} holds a {type(loaded).__name__}, not a state dict")
+    return loaded
+
+
+def _state_dict_from_torchvision() -> dict:
+    try:
+        return COCO_WEIGHTS.get_state_dict(progress=False, check_hash=True)
+    except Exception as exc:  # noqa: BLE001 - network, hash and file errors alike
+        raise ModelLoadError(
+            "torchvision's COCO_V1 weights are not in the torch hub cache "
+            f"({hub_checkpoint_path()}) and could not be downloaded ({exc}). Set WEIGHTS_FILE to a "
+            "local maskrcnn_resnet50_fpn state-dict file, or place the file at that path"
+        ) from None
+
+
+def build_model(state_dict: dict, score_threshold: float) -> torch.nn.Module:
+    """The torchvision architecture with ``state_dict`` loaded strictly, in eval mode."""
+    model = maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=len(COCO_CATEGORIES),
+        box_score_thresh=score_threshold,
+    )
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(
+            f"the weights do not fit maskrcnn_resnet50_fpn with {len(COCO_CATEGORIES)} classes: "
+            f"{str(exc)[:300]}"
+        ) from None
+    return model.eval()
+
+
+class Detector:
+    """One loaded model; ``detect`` is thread-safe and runs one forward pass at a time."""
+
+    def __init__(self, model: torch.nn.Module, categories: list[str]):
+        self.model = model
+        self.categories = categories
+        self._lock = threading.Lock()  # two passes at once would only fight over the same cores
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Detector":
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        if settings.weights_file:
+            state_dict = _state_dict_from_file(settings.weights_file, settings.weights_sha256)
+        else:
+            state_dict = _state_dict_from_torchvision()
+        return cls(build_model(state_dict, settings.score_threshold), COCO_CATEGORIES)
+
+    def detect(self, image: Image.Image) -> list[str]:
+        """COCO category names of the instances scoring above the threshold, best first."""
+        tensor = pil_to_tensor(image).float().div_(255.0)
+        with self._lock, torch.inference_mode():
+            output = self.model([tensor])[0]
+        return [self.categories[index] for index in output["labels"].tolist()]

@@ -1,0 +1,57 @@
+"""The one exception hierarchy of the data plane.
+
+Each server maps these classes to its own protocol in exactly one place
+(``http_app.errors`` and ``grpc_app.server``). Messages are safe to show to clients.
+"""
+
+
+class DetectionError(Exception):
+    """Base class: a request that could not be answered, with a client-safe message."""
+
+    code = "internal"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(DetectionError):
+    """The request itself is malformed: bad JSON, missing or non-string url, bad scheme."""
+
+    code = "invalid_request"
+
+
+class ForbiddenTarget(DetectionError):
+    """The URL points at an address the service must not fetch from (SSRF guard)."""
+
+    code = "forbidden_target"
+
+
+class TooLarge(DetectionError):
+    """The download or the decoded image exceeds a configured cap."""
+
+    code = "too_large"
+
+
+class NotAnImage(DetectionError):
+    """The fetched bytes are not a decodable image of a supported format."""
+
+    code = "not_an_image"
+
+
+class UpstreamFailed(DetectionError):
+    """The image host could not be reached or answered with an error status."""
+
+    code = "upstream_failed"
+
+
+class UpstreamTimeout(DetectionError):
+    """The image host was too slow (connect, read or overall deadline)."""
+
+    code = "upstream_timeout"
+
+
+class NotReady(DetectionError):
+    """The model is not loaded (still loading, or its weights are missing or bad)."""
+
+    code = "not_ready"

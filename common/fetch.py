@@ -1,0 +1,130 @@
+"""Download an image by URL, within the configured time and size limits, through the SSRF guard."""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import urljoin, urlsplit
+
+import requests
+from urllib3.exceptions import ReadTimeoutError
+
+from common.config import Settings
+from common.errors import ForbiddenTarget, InvalidRequest, TooLarge, UpstreamFailed, UpstreamTimeout
+from common.netguard import Allowlist, GuardedHTTPAdapter
+
+ALLOWED_SCHEMES = ("http", "https")
+_REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+_CHUNK_BYTES = 64 * 1024
+USER_AGENT = "instance-detector/1.0"
+
+
+def validate_url(url, max_length: int) -> str:
+    """Return the URL stripped of surrounding blanks, or raise InvalidRequest."""
+    if not isinstance(url, str):
+        raise InvalidRequest("'url' must be a string")
+    url = url.strip()
+    if not url:
+        raise InvalidRequest("'url' must not be empty")
+    if len(url) > max_length:
+        raise InvalidRequest(f"'url' is longer than {max_length} characters")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
+        raise InvalidRequest("'url' contains control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError when out of range or not a number
+    except ValueError as exc:
+        raise InvalidRequest(f"'url' is not a valid URL: {exc}") from None
+    if parts.scheme.lower() not in ALLOWED_SCHEMES:
+        raise InvalidRequest(
+            f"'url' must use http or https, not {parts.scheme or 'no scheme'!r}"
+        )
+    if not parts.hostname:
+        raise InvalidRequest("'url' has no host")
+    if port == 0:
+        raise InvalidRequest("'url' has port 0")
+    return url
+
+
+class ImageFetcher:
+    """Fetches image bytes; one instance per process, reusing its guarded session."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.session = requests.Session()
+        self.session.trust_env = False  # no proxies or netrc from the environment: they would bypass the guard
+        self.session.max_redirects = settings.fetch_max_redirects
+        adapter = GuardedHTTPAdapter(Allowlist.parse(settings.allowed_private_targets), max_retries=0)
+        for scheme in ALLOWED_SCHEMES:
+            self.session.mount(f"{scheme}://", adapter)
+        self.session.headers.update({"User-Agent": USER_AGENT, "Accept": "image/*",
+                                     "Accept-Encoding": "identity"})
+
+    def fetch(self, url: str) -> bytes:
+        settings = self.settings
+        url = validate_url(url, settings.max_url_length)
+        deadline = time.monotonic() + settings.fetch_total_timeout
+        for _hop in range(settings.fetch_max_redirects + 1):
+            response = self._get(url, deadline)
+            with response:
+                if response.status_code in _REDIRECT_STATUSES and "location" in response.headers:
+                    url = self._redirect_target(url, response.headers["location"])
+                    continue
+                if response.status_code != 200:
+                    raise UpstreamFailed(f"the image host answered HTTP {response.status_code}")
+                return self._read_body(response, deadline)
+        raise UpstreamFailed(f"more than {settings.fetch_max_redirects} redirects")
+
+    def _redirect_target(self, current: str, location: str) -> str:
+        target = urljoin(current, location)
+        try:
+            return validate_url(target, self.settings.max_url_length)
+        except InvalidRequest as exc:
+            raise UpstreamFailed(f"the image host redirected to an unusable URL: {exc.message}") from None
+
+    def _get(self, url: str, deadline: float) -> requests.Response:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise UpstreamTimeout("the image download exceeded its overall deadline")
+        timeout = (min(self.settings.fetch_connect_timeout, remaining),
+                   min(self.settings.fetch_read_timeout, remaining))
+        try:
+            return self.session.get(url, stream=True, timeout=timeout, allow_redirects=False)
+        except ForbiddenTarget:
+            raise
+        except requests.exceptions.InvalidURL as exc:
+            raise InvalidRequest(f"'url' is not a valid URL: {_short(exc)}") from None
+        except requests.Timeout:
+            raise UpstreamTimeout("the image host did not answer in time") from None
+        except requests.ConnectionError as exc:
+            raise UpstreamFailed(f"could not connect to the image host: {_short(exc)}") from None
+        except requests.RequestException as exc:
+            raise UpstreamFailed(f"the image request failed: {_short(exc)}") from None
+
+    def _read_body(self, response: requests.Response, deadline: float) -> bytes:
+        cap = self.settings.fetch_max_bytes
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cap:
+            raise TooLarge(f"the image is larger than the {cap}-byte download limit")
+        body = bytearray()
+        try:
+            for chunk in response.iter_content(chunk_size=_CHUNK_BYTES):
+                body += chunk
+                if len(body) > cap:
+                    raise TooLarge(f"the image is larger than the {cap}-byte download limit")
+                if time.monotonic() > deadline:
+                    raise UpstreamTimeout("the image download exceeded its overall deadline")
+        except requests.exceptions.ConnectionError as exc:
+            if exc.args and isinstance(exc.args[0], ReadTimeoutError):
+                raise UpstreamTimeout("the image host stopped sending data") from None
+            raise UpstreamFailed(f"the image download broke off: {_short(exc)}") from None
+        except requests.RequestException as exc:
+            raise UpstreamFailed(f"the image download broke off: {_short(exc)}") from None
+        return bytes(body)
+
+
+def _short(exc: Exception) -> str:
+    """The innermost cause's message: enough to diagnose, without urllib3's object reprs."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    text = str(exc)
+    return text if len(text) <= 200 else text[:200] + "..."

@@ -1,0 +1,1 @@
+"""gRPC adapter: the ``inference.InstanceDetector`` service on top of ``DetectionService``."""

@@ -1,0 +1,105 @@
+"""The standalone gRPC server: ``inference.InstanceDetector`` plus reflection and health."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common import errors, metrics
+from common.config import Settings
+from common.logs import configure_logging
+from common.pipeline import DetectionService
+from grpc_app.stubs import inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InstanceDetector"].full_name
+STOP_GRACE_SECONDS = 25.0
+
+# The one place where data-plane errors become gRPC status codes.
+GRPC_STATUS = {
+    errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ForbiddenTarget: grpc.StatusCode.PERMISSION_DENIED,
+    errors.TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.NotAnImage: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.UpstreamFailed: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.UpstreamTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.NotReady: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+class InstanceDetectorServicer(inference_pb2_grpc.InstanceDetectorServicer):
+    def __init__(self, service: DetectionService, inference_count):
+        self.service = service
+        self.inference_count = inference_count
+
+    def Predict(self, request, context):
+        self.inference_count.inc()
+        try:
+            objects = self.service.predict(request.url)
+        except errors.DetectionError as exc:
+            context.abort(GRPC_STATUS.get(type(exc), grpc.StatusCode.INTERNAL),
+                          f"{exc.code}: {exc.message}")
+        except Exception:  # noqa: BLE001 - never leak a traceback to the client
+            log.exception("unhandled error in Predict")
+            context.abort(grpc.StatusCode.INTERNAL, "internal: internal error; see the service log")
+        return inference_pb2.InstanceDetectorOutput(objects=objects)
+
+
+def build_server(settings: Settings, service: DetectionService):
+    """A started server with the detector, health and reflection services; returns (server, health)."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.grpc_threads, thread_name_prefix="grpc"),
+        options=[("grpc.max_receive_message_length", settings.max_request_bytes)],
+    )
+    inference_pb2_grpc.add_InstanceDetectorServicer_to_server(
+        InstanceDetectorServicer(service, metrics.inference_counter("grpc")), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    address = f"{settings.bind_host}:{settings.grpc_port}"
+    if server.add_insecure_port(address) == 0:
+        raise RuntimeError(f"cannot listen on {address}")
+    server.start()
+    log.info("gRPC server listening on %s", address)
+    return server, health_servicer
+
+
+def _report_readiness(service: DetectionService, health_servicer) -> None:
+    status = (health_pb2.HealthCheckResponse.SERVING if service.wait_until_loaded()
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, status)
+
+
+def serve(settings: Settings | None = None) -> None:
+    """Run until SIGTERM/SIGINT, then stop gracefully: in-flight calls get STOP_GRACE_SECONDS."""
+    settings = settings or Settings.from_env()
+    configure_logging("grpc")
+    metrics.init_multiprocess(settings)
+    service = DetectionService(settings).start_loading()
+    server, health_servicer = build_server(settings, service)
+    threading.Thread(target=_report_readiness, args=(service, health_servicer),
+                     name="readiness", daemon=True).start()
+
+    stop_requested = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop_requested.set())
+    stop_requested.wait()
+    log.info("stopping: refusing new calls, finishing in-flight ones")
+    health_servicer.enter_graceful_shutdown()
+    server.stop(STOP_GRACE_SECONDS).wait()
+    log.info("gRPC server stopped")
+
+
+def main() -> None:
+    serve()

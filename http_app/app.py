@@ -1,0 +1,92 @@
+"""Flask app factory: ``/predict``, ``/metrics``, ``/healthz``, ``/readyz``.
+
+The handlers only translate: JSON in, one ``DetectionService.predict`` call, JSON out; every
+error leaves through ``_error_response`` with the status from ``HTTP_STATUS``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from common import errors, metrics
+from common.config import Settings
+from common.logs import configure_logging
+from common.pipeline import DetectionService
+
+log = logging.getLogger(__name__)
+
+# The one place where data-plane errors become HTTP statuses.
+HTTP_STATUS = {
+    errors.InvalidRequest: 400,
+    errors.ForbiddenTarget: 403,
+    errors.TooLarge: 413,
+    errors.NotAnImage: 422,
+    errors.UpstreamFailed: 502,
+    errors.NotReady: 503,
+    errors.UpstreamTimeout: 504,
+}
+
+
+def _error_response(status: int, code: str, message: str) -> tuple[Response, int]:
+    return jsonify({"error": {"code": code, "message": message}}), status
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the app and start loading this process's model in the background."""
+    settings = settings or Settings.from_env()
+    configure_logging("http")
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") != settings.metrics_dir or not os.path.isdir(
+        settings.metrics_dir
+    ):
+        metrics.init_multiprocess(settings)  # run outside gunicorn.conf.py's on_starting hook
+    inference_count = metrics.inference_counter("http")
+    service = DetectionService(settings).start_loading()
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.json.sort_keys = False
+    app.extensions["detection_service"] = service
+
+    @app.post("/predict")
+    def predict():
+        inference_count.inc()
+        body = request.get_json(force=True, silent=True)
+        if not isinstance(body, dict):
+            raise errors.InvalidRequest('the body must be a JSON object like {"url": "https://..."}')
+        if "url" not in body:
+            raise errors.InvalidRequest("the JSON body has no 'url' field")
+        return jsonify({"objects": service.predict(body["url"])})
+
+    @app.get("/metrics")
+    def prometheus_metrics():
+        payload, content_type = metrics.render_latest(settings)
+        return Response(payload, content_type=content_type)
+
+    @app.get("/healthz")
+    def healthz():
+        return jsonify({"status": "alive"})
+
+    @app.get("/readyz")
+    def readyz():
+        state, message = service.status()
+        return jsonify({"status": state, "message": message}), (200 if state == "ready" else 503)
+
+    @app.errorhandler(errors.DetectionError)
+    def detection_error(exc: errors.DetectionError):
+        return _error_response(HTTP_STATUS.get(type(exc), 500), exc.code, exc.message)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        code = "too_large" if exc.code == 413 else (exc.name or "error").lower().replace(" ", "_")
+        return _error_response(exc.code or 500, code, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def unexpected_error(exc: Exception):
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return _error_response(500, "internal", "internal error; see the service log")
+
+    return app
