@@ -30,11 +30,14 @@ VENV_BIN = Path(sys.executable).parent
 # --------------------------------------------------------------------------- checkpoints
 
 def make_forced_checkpoint(path: Path, category: str, seed: int = 0) -> str:
-    """Save a seeded maskrcnn_resnet50_fpn state dict whose box classifier always picks ``category``.
+    """Save a seeded maskrcnn_resnet50_fpn state dict that answers exactly ``[category]``.
 
-    The class-score layer's weights are zeroed and its bias strongly favours one class, so every
-    kept box gets that label: the answer proves which file was loaded and that label indices map
-    to the right names. Returns the file's sha256.
+    The box classifier's weights are zeroed and its bias strongly favours one class, so every
+    box gets that label: the answer proves which file was loaded and that label indices map to
+    the right names. The RPN's box regression grows every anchor past the image, so all
+    proposals clip to the whole image, and the box head's regression is zeroed, so NMS leaves
+    one box: one detection, whatever the image, and fast tests. Everything else keeps its
+    seeded random values. Returns the file's sha256.
     """
     import torch
     from torchvision.models.detection import maskrcnn_resnet50_fpn
@@ -48,6 +51,13 @@ def make_forced_checkpoint(path: Path, category: str, seed: int = 0) -> str:
         classifier.weight.zero_()
         classifier.bias.fill_(-10.0)
         classifier.bias[COCO_CATEGORIES.index(category)] = 10.0
+        rpn_deltas = model.rpn.head.bbox_pred
+        rpn_deltas.weight.zero_()
+        rpn_deltas.bias.zero_()
+        rpn_deltas.bias.view(-1, 4)[:, 2:] = 10.0  # (dx, dy, dw, dh): widen and heighten a lot
+        box_deltas = model.roi_heads.box_predictor.bbox_pred
+        box_deltas.weight.zero_()  # final box = proposal = the whole image, never degenerate
+        box_deltas.bias.zero_()
     torch.save(model.state_dict(), path)
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -171,6 +181,9 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+
+    def handle_error(self, request, client_address):
+        pass  # clients (the service under test) hang up on purpose: caps, timeouts
 
 
 class ImageServer:
