@@ -68,7 +68,8 @@ COPY common/ common/
 COPY grpc_app/ grpc_app/
 COPY http_app/ http_app/
 RUN python -m grpc_app.codegen \
-    && python -m compileall -q common grpc_app http_app
+    && python -m compileall -q common grpc_app http_app \
+    && chmod -R a+rX,go-w /app
 
 USER 10001:10001
 EXPOSE 8080 9090
