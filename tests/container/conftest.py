@@ -132,8 +132,11 @@ def container_image(tmp_path_factory) -> str:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-60:])
         pytest.fail(f"podman build failed ({build.returncode}):\n{tail}")
     after = podman("image", "inspect", "--format", "{{.Id}}", IMAGE).stdout.strip()
-    if before and before != after:  # drop the image this build replaced (if nothing uses it)
-        podman("rmi", before, check=False, timeout=120)
+    if before and before != after:
+        # the image this build replaced: drop it unless it still has a tag (or a container) of its own
+        tags = podman("image", "inspect", "--format", "{{len .RepoTags}}", before, check=False).stdout
+        if tags.strip() == "0":
+            podman("rmi", before, check=False, timeout=120)
     return IMAGE
 
 

@@ -132,6 +132,23 @@ def test_published_ports_answer_and_unready_is_unhealthy(container_image):
         container.remove()
 
 
+def test_weights_in_the_hub_cache_start_offline(container_image, dog_checkpoint):
+    """What DOWNLOAD_WEIGHTS=true bakes in (it cannot download here): a file at the torch hub
+    cache path under the image's TORCH_HOME. With WEIGHTS_FILE unset and no network at all, the
+    service loads it from there and becomes ready; the HEALTHCHECK then says healthy."""
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+
+    path, _ = dog_checkpoint
+    hub_file = f"/opt/torch/hub/checkpoints/{MaskRCNN_ResNet50_FPN_Weights.COCO_V1.url.rsplit('/', 1)[1]}"
+    container = Container.run(network_args=["--network", "none"], env={"TORCH_THREADS": "1"},
+                              volumes=[f"{path}:{hub_file}:ro"], http="", grpc_target="")
+    try:
+        # no network and no WEIGHTS_FILE: ready means the model came from the hub cache file
+        container.wait(lambda: container.healthcheck() == 0, 240, "healthy without WEIGHTS_FILE")
+    finally:
+        container.remove()
+
+
 # --------------------------------------------------------------------------- the service, course style
 
 def test_becomes_ready_and_healthy(service):
