@@ -103,13 +103,21 @@ def _normalise(ip: IPAddress) -> IPAddress:
     return ip
 
 
+def _lookup_name(host: str) -> str:
+    """The name to resolve: without the root dot, and RFC 6761 ``*.localhost`` as ``localhost``."""
+    name = host.rstrip(".")
+    if name.lower() == "localhost" or name.lower().endswith(".localhost"):
+        return "localhost"
+    return name
+
+
 def resolve_and_check(host: str, port: int, allowlist: Allowlist) -> list[tuple]:
     """Resolve ``host`` and return its getaddrinfo entries, or raise ForbiddenTarget.
 
     Refuses the whole host if *any* address it resolves to is non-public and not allowlisted.
     Raises socket.gaierror when the name does not resolve.
     """
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    infos = socket.getaddrinfo(_lookup_name(host), port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     for family, _type, _proto, _canon, sockaddr in infos:
         ip = _normalise(ipaddress.ip_address(sockaddr[0].split("%", 1)[0]))
         reason = non_public_reason(ip)
