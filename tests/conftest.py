@@ -75,13 +75,20 @@ def closed_port():
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory, checkpoints, image_server, closed_port):
-    """The main stack: class-A checkpoint with its sha256, the image server allowlisted."""
+def evaluation_port():
+    """A loopback port the main stack allows, for the evaluation command's own image server."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, checkpoints, image_server, closed_port, evaluation_port):
+    """The main stack: class-A checkpoint with its sha256; the test's own servers allowlisted."""
     path, sha256 = checkpoints[CLASS_A]
+    allowed = (image_server.port, closed_port, evaluation_port)
     running = Stack(
         tmp_path_factory.mktemp("stack-a"),
         WEIGHTS_FILE=path, WEIGHTS_SHA256=sha256,
-        ALLOWED_PRIVATE_TARGETS=f"127.0.0.1:{image_server.port},127.0.0.1:{closed_port}",
+        ALLOWED_PRIVATE_TARGETS=",".join(f"127.0.0.1:{port}" for port in allowed),
         **FAST_LIMITS,
     ).start()
     try:
