@@ -17,12 +17,13 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.container.conftest import CATEGORY, GRPCURL, Container, free_port, grpc_health, podman, wait_for
+from tests.container.support import CATEGORY, GRPCURL, Container, grpc_health, podman, wait_for
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.container
 
 COUNTER = "app_http_inference_count_total"
-STOP_TIMEOUT = 30  # `podman stop -t`: what a deployment would give the container to stop
+STOP_TIMEOUT = 40  # `podman stop -t`: the stop timeout the README asks deployments to give
 
 
 def http_predict(container: Container, url: str, timeout: float = 120) -> requests.Response:
