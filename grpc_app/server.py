@@ -56,7 +56,11 @@ def build_server(settings: Settings, service: DetectionService):
     """A started server with the detector, health and reflection services; returns (server, health)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_threads, thread_name_prefix="grpc"),
-        options=[("grpc.max_receive_message_length", settings.max_request_bytes)],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_request_bytes),
+            # without this a second server could bind the same port and silently share its traffic
+            ("grpc.so_reuseport", 0),
+        ],
     )
     inference_pb2_grpc.add_InstanceDetectorServicer_to_server(
         InstanceDetectorServicer(service, metrics.inference_counter("grpc")), server)

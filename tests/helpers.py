@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -56,8 +57,9 @@ def make_forced_checkpoint(path: Path, category: str, seed: int = 0) -> str:
         rpn_deltas.bias.zero_()
         rpn_deltas.bias.view(-1, 4)[:, 2:] = 10.0  # (dx, dy, dw, dh): widen and heighten a lot
         box_deltas = model.roi_heads.box_predictor.bbox_pred
-        box_deltas.weight.zero_()  # final box = proposal = the whole image, never degenerate
+        box_deltas.weight.zero_()  # and again in the box head: every final box is the whole image
         box_deltas.bias.zero_()
+        box_deltas.bias.view(-1, 4)[:, 2:] = 10.0
     torch.save(model.state_dict(), path)
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -220,9 +222,18 @@ class ImageServer:
 # --------------------------------------------------------------------------- the real stack
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free loopback port below Linux's ephemeral range, so that no outgoing connection's
+    source port takes it between this check and the server's bind."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found in 20000-32000")
 
 
 class Stack:
