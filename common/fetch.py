@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from http.cookiejar import DefaultCookiePolicy
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -52,7 +53,8 @@ class ImageFetcher:
         self.settings = settings
         self.session = requests.Session()
         self.session.trust_env = False  # no proxies or netrc from the environment: they would bypass the guard
-        self.session.max_redirects = settings.fetch_max_redirects
+        # One session serves every client: never keep an image host's cookies for the next caller.
+        self.session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
         adapter = GuardedHTTPAdapter(Allowlist.parse(settings.allowed_private_targets), max_retries=0)
         for scheme in ALLOWED_SCHEMES:
             self.session.mount(f"{scheme}://", adapter)

@@ -1,0 +1,51 @@
+"""The fetcher in process, against a loopback server: what the stack tests cannot see."""
+
+import dataclasses
+import gzip
+
+import pytest
+
+from common.config import Settings
+from common.errors import TooLarge
+from common.fetch import ImageFetcher
+from tests.helpers import ImageServer
+
+
+@pytest.fixture(scope="module")
+def server():
+    running = ImageServer()
+    yield running
+    running.close()
+
+
+def fetcher_for(server, **overrides):
+    settings = dataclasses.replace(Settings(), allowed_private_targets=(f"127.0.0.1:{server.port}",),
+                                   **overrides)
+    return ImageFetcher(settings)
+
+
+def test_cookies_from_one_image_host_are_not_kept(server):
+    url = server.add("/cookie", b"data", headers={"Set-Cookie": "session=secret; Path=/"})
+    fetcher = fetcher_for(server)
+    assert fetcher.fetch(url) == b"data"
+    assert len(fetcher.session.cookies) == 0
+
+
+def test_a_gzip_bomb_is_capped_on_decoded_bytes(server):
+    bomb = gzip.compress(b"\0" * (64 * 1024 * 1024))  # ~64 KB that inflates to 64 MB
+    url = server.add("/gzip-bomb", bomb, headers={"Content-Encoding": "gzip"})
+    with pytest.raises(TooLarge):
+        fetcher_for(server, fetch_max_bytes=1024 * 1024).fetch(url)
+
+
+def test_the_request_asks_for_images_and_no_compression(server):
+    url = server.add("/plain", b"ok")
+    fetcher = fetcher_for(server)
+    assert fetcher.fetch(url) == b"ok"
+    assert fetcher.session.headers["Accept-Encoding"] == "identity"
+
+
+def test_environment_proxies_are_ignored(server, monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9/")
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9/")
+    assert fetcher_for(server).fetch(server.add("/direct", b"direct")) == b"direct"
