@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from concurrent import futures
@@ -103,6 +104,10 @@ def serve(settings: Settings | None = None) -> None:
     health_servicer.enter_graceful_shutdown()
     server.stop(STOP_GRACE_SECONDS).wait()
     log.info("gRPC server stopped")
+    logging.shutdown()
+    # A call cancelled at the end of the grace period may still be inside the model; the
+    # executor would join its thread at exit and make supervisord wait, then SIGKILL.
+    os._exit(0)
 
 
 def main() -> None:

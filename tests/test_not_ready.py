@@ -33,6 +33,9 @@ def test_bad_weights_leave_the_service_up_but_not_ready(tmp_path, checkpoints, i
                   **settings).start()
     try:
         stack.wait_failed()
+        # all three processes (two gunicorn workers, the gRPC server) have given up on the weights
+        stack.wait_until(lambda: stack.log_path.read_text(errors="replace").count("MODEL NOT LOADED") == 3,
+                         what="three failed model loads")
         assert requests.get(stack.http + "/healthz", timeout=5).status_code == 200
         ready = requests.get(stack.http + "/readyz", timeout=5)
         assert ready.status_code == 503 and named_setting in ready.json()["message"]
@@ -48,7 +51,6 @@ def test_bad_weights_leave_the_service_up_but_not_ready(tmp_path, checkpoints, i
         assert named_setting in failure.value.details()
 
         log = stack.log_path.read_text(errors="replace")
-        assert log.count("MODEL NOT LOADED") == 3  # both gunicorn workers and the gRPC server
         assert log.count("spawned:") == 2  # nothing crashed or restarted
     finally:
         assert stack.stop() == 0
