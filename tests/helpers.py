@@ -341,14 +341,19 @@ class Stack:
         return requests.post(self.http + "/predict", json={"url": url}, timeout=timeout)
 
     def metric_value(self, family: str) -> float:
-        """The first sample of ``family`` in /metrics, read with prometheus_client's parser."""
-        from prometheus_client.parser import text_string_to_metric_families
+        return metric_value(self.http, family)
 
-        text = requests.get(self.http + "/metrics", timeout=10).text
-        for metric in text_string_to_metric_families(text):
-            if metric.name == family:
-                return metric.samples[0].value
-        raise AssertionError(f"no metric family {family!r} in /metrics:\n{text}")
+
+def metric_value(http_base: str, family: str) -> float:
+    """The first sample of ``family`` in ``http_base``/metrics, read with prometheus_client's parser
+    (as a course client does)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(http_base + "/metrics", timeout=10).text
+    for metric in text_string_to_metric_families(text):
+        if metric.name == family:
+            return metric.samples[0].value
+    raise AssertionError(f"no metric family {family!r} in /metrics:\n{text}")
 
 
 def generate_client_stubs(out_dir: Path) -> None:

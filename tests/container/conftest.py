@@ -15,7 +15,7 @@ import pytest
 
 from tests.container.support import (BUILD_ARGS, BUILD_TIMEOUT, CATEGORY, IMAGE, REPO, SETUP_PODMAN,
                                      Container, podman, wait_ready)
-from tests.helpers import ImageServer, encode, free_port, generate_client_stubs, make_forced_checkpoint, scene
+from tests.helpers import ImageServer, encode, free_port, make_forced_checkpoint, scene
 
 
 @pytest.fixture(scope="session")
@@ -62,16 +62,6 @@ def container_images():
     server.add("/img/jpeg", encode(scene(320, 240, seed=3), "JPEG", quality=90))
     yield server
     server.close()
-
-
-@pytest.fixture(scope="session")
-def client_stubs(tmp_path_factory):
-    """(inference_pb2, inference_pb2_grpc) generated like a course client: ``-I protos``."""
-    generate_client_stubs(tmp_path_factory.mktemp("container-client-stubs"))
-    import inference_pb2
-    import inference_pb2_grpc
-
-    return inference_pb2, inference_pb2_grpc
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,12 @@ import time
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.container.support import CATEGORY, GRPCURL, Container, grpc_health, podman, wait_for
-from tests.helpers import free_port
+from tests.helpers import free_port, metric_value
 
 pytestmark = pytest.mark.container
 
-COUNTER = "app_http_inference_count_total"
 STOP_TIMEOUT = 40  # `podman stop -t`: the stop timeout the README asks deployments to give
 
 
@@ -30,24 +28,8 @@ def http_predict(container: Container, url: str, timeout: float = 120) -> reques
     return requests.post(container.http + "/predict", json={"url": url}, timeout=timeout)
 
 
-def grpc_predict(stubs, container: Container, url: str, timeout: float = 120) -> list[str]:
-    import grpc
-
-    pb2, pb2_grpc = stubs
-    with grpc.insecure_channel(container.grpc_target) as channel:
-        reply = pb2_grpc.InstanceDetectorStub(channel).Predict(pb2.InstanceDetectorInput(url=url),
-                                                               timeout=timeout)
-    return list(reply.objects)
-
-
 def counter(container: Container) -> float:
-    """First sample of the HTTP inference counter, read with prometheus_client's parser."""
-    text = requests.get(container.http + "/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == COUNTER:
-                return sample.value
-    raise AssertionError(f"{COUNTER} not in /metrics:\n{text}")
+    return metric_value(container.http, "app_http_inference_count")
 
 
 def processes(container: Container) -> list[dict]:
@@ -157,13 +139,13 @@ def test_becomes_ready_and_healthy(service):
     assert wait_for(lambda: service.healthcheck() == 0, 60, "podman healthcheck run: healthy")
 
 
-def test_http_and_grpc_give_the_same_objects(service, container_images, client_stubs):
+def test_http_and_grpc_give_the_same_objects(service, container_images, grpc_client):
     url = container_images.url("/img/jpeg")
     hits = len(container_images.hits)
     response = http_predict(service, url)
     assert response.status_code == 200, response.text
     http_objects = response.json()["objects"]
-    grpc_objects = grpc_predict(client_stubs, service, url)
+    grpc_objects = grpc_client(service.grpc_target, url)
     assert http_objects == grpc_objects
     assert http_objects and set(http_objects) == {CATEGORY}
     assert container_images.hits[hits:] == ["/img/jpeg", "/img/jpeg"]  # fetched by the container
@@ -211,7 +193,7 @@ def test_servers_are_separate_non_root_processes(service):
     assert all(0 not in p["uids"] for p in every), every
 
 
-def test_crashed_servers_are_restarted(service, container_images, client_stubs):
+def test_crashed_servers_are_restarted(service, container_images, grpc_client):
     url = container_images.url("/img/jpeg")
     seen = [counter(service)]
 
@@ -223,7 +205,7 @@ def test_crashed_servers_are_restarted(service, container_images, client_stubs):
         "a new gRPC server process")
     assert old_grpc not in [p["pid"] for p in roles(service)["grpc"]] and len(new_grpc) == 1
     service.wait(lambda: grpc_health(service.grpc_target) == "SERVING", 120, "restarted gRPC SERVING")
-    assert set(grpc_predict(client_stubs, service, url)) == {CATEGORY}
+    assert set(grpc_client(service.grpc_target, url)) == {CATEGORY}
     seen.append(counter(service))
 
     # a gunicorn worker dies: the master replaces it, and both workers answer
@@ -244,7 +226,7 @@ def test_crashed_servers_are_restarted(service, container_images, client_stubs):
 
 # --------------------------------------------------------------------------- stopping (last: ends the container)
 
-def test_stop_is_graceful_and_exits_zero(service, container_images, client_stubs):
+def test_stop_is_graceful_and_exits_zero(service, container_images, grpc_client):
     """`podman stop` while an HTTP and a gRPC request are in flight: both get their answer, the
     container ends within the stop timeout, exit code 0."""
     results = {}
@@ -260,7 +242,7 @@ def test_stop_is_graceful_and_exits_zero(service, container_images, client_stubs
     slow_grpc = container_images.url(f"/slow?delay={delay}&via=grpc")
     threads = [
         threading.Thread(target=call, args=("http", lambda: http_predict(service, slow_http))),
-        threading.Thread(target=call, args=("grpc", lambda: grpc_predict(client_stubs, service, slow_grpc))),
+        threading.Thread(target=call, args=("grpc", lambda: grpc_client(service.grpc_target, slow_grpc))),
     ]
     for thread in threads:
         thread.start()
