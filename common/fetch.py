@@ -41,6 +41,11 @@ def validate_url(url, max_length: int) -> str:
         )
     if not parts.hostname:
         raise InvalidRequest("'url' has no host")
+    if not parts.hostname.startswith("["):
+        try:
+            parts.hostname.encode("idna")
+        except UnicodeError as exc:
+            raise InvalidRequest(f"'url' has an invalid host name: {exc}") from None
     if port == 0:
         raise InvalidRequest("'url' has port 0")
     return url

@@ -158,7 +158,7 @@ class _GuardedConnectionMixin:
             raise NameResolutionError(self.host, self, exc) from exc
         except socket.timeout as exc:
             raise ConnectTimeoutError(self, f"connection to {self.host} timed out") from exc
-        except OSError as exc:
+        except (OSError, UnicodeError, ValueError) as exc:  # UnicodeError: a name IDNA refuses
             raise NewConnectionError(self, f"failed to establish a new connection: {exc}") from exc
 
 

@@ -6,11 +6,12 @@ error leaves through ``_error_response`` with the status from ``HTTP_STATUS``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from common import errors, metrics
 from common.config import Settings
@@ -35,6 +36,19 @@ def _error_response(status: int, code: str, message: str) -> tuple[Response, int
     return jsonify({"error": {"code": code, "message": message}}), status
 
 
+def _json_body():
+    """The request body parsed as JSON whatever its Content-Type (curl -d sends form encoding);
+    None when it is not JSON. Reading it enforces MAX_CONTENT_LENGTH, chunked bodies included."""
+    raw = request.get_data(cache=False)
+    if request.max_content_length is not None and len(raw) >= request.max_content_length:
+        # werkzeug stops a chunked body at the limit without raising; the rest was not read
+        raise RequestEntityTooLarge()
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested too deeply
+        return None
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app and start loading this process's model in the background."""
     settings = settings or Settings.from_env()
@@ -54,7 +68,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     @app.post("/predict")
     def predict():
         inference_count.inc()
-        body = request.get_json(force=True, silent=True)
+        body = _json_body()
         if not isinstance(body, dict):
             raise errors.InvalidRequest('the body must be a JSON object like {"url": "https://..."}')
         if "url" not in body:

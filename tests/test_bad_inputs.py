@@ -44,6 +44,7 @@ CASES = [
     ("url-number", b'{"url": 42}', 400, "invalid_request", None),
     ("url-list", b'{"url": ["http://example.com/a.jpg"]}', 400, "invalid_request", None),
     ("url-object", b'{"url": {"href": "x"}}', 400, "invalid_request", None),
+    ("deep-nesting", b"[" * 60_000, 400, "invalid_request", None),
     ("huge-body", json.dumps({"url": "http://e.com/" + "a" * 200_000}).encode(), 413, "too_large", None),
     ("url-empty", lambda s, p: "", 400, "invalid_request", "INVALID_ARGUMENT"),
     ("url-blank", lambda s, p: "   ", 400, "invalid_request", "INVALID_ARGUMENT"),
@@ -56,6 +57,10 @@ CASES = [
      "INVALID_ARGUMENT"),
     ("no-scheme", lambda s, p: "example.com/a.jpg", 400, "invalid_request", "INVALID_ARGUMENT"),
     ("no-host", lambda s, p: "http:///a.jpg", 400, "invalid_request", "INVALID_ARGUMENT"),
+    ("host-label-too-long", lambda s, p: f"http://{'a' * 70}.com/a.jpg", 400, "invalid_request",
+     "INVALID_ARGUMENT"),
+    ("host-empty-label", lambda s, p: "http://a..com/a.jpg", 400, "invalid_request", "INVALID_ARGUMENT"),
+    ("host-with-space", lambda s, p: "http://exa mple.com/a.jpg", 400, "invalid_request", "INVALID_ARGUMENT"),
     ("bad-port", lambda s, p: "http://example.com:99999/a.jpg", 400, "invalid_request", "INVALID_ARGUMENT"),
     ("control-chars", lambda s, p: "http://example.com/a\r\nX-Injected: 1", 400, "invalid_request",
      "INVALID_ARGUMENT"),
@@ -109,6 +114,16 @@ def test_grpc_bad_input(grpc_predict, image_server, closed_port, case):
         grpc_predict(make_url(image_server, closed_port), timeout=30)
     assert failure.value.code().name == grpc_status
     assert failure.value.details().startswith(code + ":")
+
+
+def test_an_oversize_chunked_body_is_refused(stack):
+    """No Content-Length to check up front: the cap applies while the body is read."""
+    def chunks():
+        for _ in range(200):
+            yield b" " * 1024
+    response = requests.post(stack.http + "/predict", data=chunks(), timeout=30,
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "too_large"
 
 
 def test_a_form_post_without_json_content_type_still_works(stack, image_server):
