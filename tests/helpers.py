@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import grpc
 import requests
 
 REPO = Path(__file__).resolve().parent.parent
@@ -290,8 +291,8 @@ class Stack:
             try:
                 if predicate():
                     return
-            except (requests.RequestException, OSError):
-                pass
+            except (requests.RequestException, OSError, grpc.RpcError):
+                pass  # not listening (yet)
             time.sleep(0.25)
         raise TimeoutError(f"{what} not up after {timeout}s:\n{self.log_tail()}")
 
