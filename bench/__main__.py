@@ -1,0 +1,494 @@
+"""The benchmark: ``.venv/bin/python -m bench`` (``--help`` for options).
+
+Prints a table and writes JSON (bench/results/<label>.json). In one run, side by side:
+1. reference: torchvision eager fp32 ``maskrcnn_resnet50_fpn(box_score_thresh=0.75)``, ``model([t])``;
+2. the service's detect path in process (``Detector.detect``), for every mode the service offers,
+   with its deviation from the reference (Dice of labels per image, max score / box deviation);
+3. end to end over HTTP and gRPC against the real stack (supervisord + gunicorn + gRPC, the
+   repository's supervisord.conf), one client, images from 127.0.0.1: p50 / p95;
+4. throughput at 1, 2, 4, 8 concurrent clients for a fixed duration, HTTP, gRPC and mixed;
+5. whole-stack PSS (supervisord and all children) idle after warm-up and peak under load, against
+   one process holding the model;
+6. cold start: supervisord start until /readyz is 200 and gRPC health is SERVING.
+Ratios: 2 / 1, 3 / 2, throughput / best in-process throughput, memory / one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+
+
+# --------------------------------------------------------------------------- helpers
+
+def pss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def descendants(root: int) -> list[int]:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+                parents[int(entry)] = int(fields[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [root], [root]
+    while frontier:
+        current = frontier.pop()
+        children = [pid for pid, parent in parents.items() if parent == current]
+        found += children
+        frontier += children
+    return found
+
+
+def tree_pss_mib(root: int) -> float:
+    return sum(pss_kib(pid) for pid in descendants(root)) / 1024
+
+
+def percentile(values, q):
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])
+    return " ".join(sorted(f for f in flags if f.startswith(("avx512_bf16", "amx", "avx512f", "avx2"))))
+
+
+def available_modes() -> list[str]:
+    from common import config
+
+    return list(getattr(config, "DETECT_MODES", ("eager",)))
+
+
+def settings_for(weights: Path, mode: str, threshold: float = 0.75):
+    from common.config import Settings
+
+    env = {"WEIGHTS_FILE": str(weights), "SCORE_THRESHOLD": str(threshold), "DETECT_MODE": mode}
+    env.update({k: v for k, v in os.environ.items() if k.startswith("ACCEL_")})
+    return Settings.from_env(env)
+
+
+def raw_outputs(detector, image):
+    """(labels, scores, boxes) lists from the service's detector, or (labels, None, None)."""
+    if hasattr(detector, "detect_raw"):
+        out = detector.detect_raw(image)
+        return out["labels"].tolist(), out["scores"].tolist(), out["boxes"].tolist()
+    from common.detector import COCO_CATEGORIES
+
+    names = detector.detect(image)
+    return [COCO_CATEGORIES.index(n) for n in names], None, None
+
+
+def dice(a, b) -> float:
+    if not a and not b:
+        return 1.0
+    from collections import Counter
+
+    matches = sum((Counter(a) & Counter(b)).values())
+    return 2 * matches / (len(a) + len(b))
+
+
+def deviation(ref, got) -> dict:
+    ref_labels, ref_scores, ref_boxes = ref
+    labels, scores, boxes = got
+    result = {"dice": dice(ref_labels, labels), "labels_equal": ref_labels == labels,
+              "kept_ref": len(ref_labels), "kept": len(labels)}
+    if scores is not None and ref_labels == labels:
+        result["max_score_dev"] = max((abs(a - b) for a, b in zip(ref_scores, scores)), default=0.0)
+        result["max_box_dev_px"] = max(
+            (abs(x - y) for a, b in zip(ref_boxes, boxes) for x, y in zip(a, b)), default=0.0)
+    return result
+
+
+def timed(fn, repeats: int) -> tuple[float, list]:
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+# --------------------------------------------------------------------------- in process
+
+def in_process(weights: Path, images, repeats: int, modes: list[str]) -> dict:
+    import torch
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from common.detector import COCO_CATEGORIES, Detector
+
+    result = {"threads": torch.get_num_threads(), "reference": {}, "modes": {}}
+    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None,
+                                  num_classes=len(COCO_CATEGORIES), box_score_thresh=0.75)
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.eval()
+    refs = {}
+    for name, image in images:
+        def run():
+            tensor = pil_to_tensor(image).float().div_(255.0)
+            with torch.inference_mode():
+                return model([tensor])[0]
+        out = run()  # warm-up
+        median, times = timed(run, repeats)
+        refs[name] = (out["labels"].tolist(), out["scores"].tolist(), out["boxes"].tolist())
+        result["reference"][name] = {"seconds": median, "all": times, "kept": len(refs[name][0])}
+        print(f"  reference {name}: {median:.3f} s, {len(refs[name][0])} boxes", flush=True)
+    del model
+
+    for mode in modes:
+        start = time.perf_counter()
+        try:
+            detector = Detector.from_settings(settings_for(weights, mode))
+        except Exception as exc:  # noqa: BLE001 - report, go on with the other modes
+            result["modes"][mode] = {"error": repr(exc)}
+            print(f"  mode {mode}: failed to load: {exc!r}", flush=True)
+            continue
+        entry = {"load_seconds": time.perf_counter() - start, "images": {},
+                 "effective": getattr(detector, "mode", mode)}
+        for name, image in images:
+            got = raw_outputs(detector, image)  # warm-up, and the answers
+            median, times = timed(lambda: detector.detect(image), repeats)
+            ref_seconds = result["reference"][name]["seconds"]
+            entry["images"][name] = {"seconds": median, "all": times, "ratio": median / ref_seconds,
+                                     **deviation(refs[name], got)}
+            print(f"  mode {mode} {name}: {median:.3f} s ({median / ref_seconds:.2f}x)  "
+                  f"{ {k: v for k, v in entry['images'][name].items() if k not in ('all',)} }",
+                  flush=True)
+        total = sum(v["seconds"] for v in entry["images"].values())
+        ref_total = sum(result["reference"][n]["seconds"] for n, _ in images)
+        entry["ratio"] = total / ref_total
+        result["modes"][mode] = entry
+        del detector
+    return result
+
+
+def one_process_pss(weights: Path, mode: str, env_extra: dict) -> float:
+    """PSS (MiB) of a lone process that loaded the model and ran one detection."""
+    code = (
+        "import sys; from bench.__main__ import settings_for, pss_kib; from pathlib import Path;"
+        "from bench.images import photo_like; from common.detector import Detector;"
+        "import os;"
+        f"d = Detector.from_settings(settings_for(Path({str(weights)!r}), {mode!r}));"
+        "d.detect(photo_like(640, 480, 1)); print(pss_kib(os.getpid()) / 1024)"
+    )
+    env = {**os.environ, **env_extra}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    try:
+        return float(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        print(out.stderr[-2000:])
+        return float("nan")
+
+
+# --------------------------------------------------------------------------- the stack
+
+class Clients:
+    def __init__(self, stack, url):
+        import grpc
+
+        from grpc_app.stubs import inference_pb2, inference_pb2_grpc
+
+        self.stack, self.url = stack, url
+        self._grpc, self._pb2, self._stubs = grpc, inference_pb2, inference_pb2_grpc
+
+    def http_call(self, session):
+        reply = session.post(self.stack.http + "/predict", json={"url": self.url}, timeout=300)
+        reply.raise_for_status()
+        return reply.json()["objects"]
+
+    def grpc_stub(self):
+        channel = self._grpc.insecure_channel(self.stack.grpc_target)
+        return self._stubs.InstanceDetectorStub(channel)
+
+    def grpc_call(self, stub):
+        return list(stub.Predict(self._pb2.InstanceDetectorInput(url=self.url), timeout=300).objects)
+
+
+def latency(stack, image_urls: dict, repeats: int) -> dict:
+    import requests
+
+    result = {}
+    for name, url in image_urls.items():
+        clients = Clients(stack, url)
+        session, stub = requests.Session(), clients.grpc_stub()
+        clients.http_call(session), clients.grpc_call(stub)  # warm-up both
+        entry = {}
+        for protocol, call in (("http", lambda: clients.http_call(session)),
+                               ("grpc", lambda: clients.grpc_call(stub))):
+            times = timed(call, repeats)[1]
+            entry[protocol] = {"p50": statistics.median(times), "p95": percentile(times, 95), "all": times}
+            print(f"  {protocol} {name}: p50 {entry[protocol]['p50']:.3f} s, "
+                  f"p95 {entry[protocol]['p95']:.3f} s", flush=True)
+        result[name] = entry
+    return result
+
+
+def throughput(stack, url: str, concurrency: list[int], duration: float, supervisord_pid: int) -> dict:
+    import requests
+
+    result = {"duration": duration, "runs": {}}
+    peak = 0.0
+    for protocol in ("http", "grpc", "mixed"):
+        for count in concurrency:
+            clients = Clients(stack, url)
+            done, errors = [], []
+            stop_at = [0.0]
+            barrier = threading.Barrier(count + 1)
+
+            def worker(index):
+                use_http = protocol == "http" or (protocol == "mixed" and index % 2 == 0)
+                session, stub = requests.Session(), clients.grpc_stub()
+                barrier.wait()
+                while True:
+                    if protocol == "mixed" and count == 1:
+                        use_http = not use_http  # one client alternates
+                    started = time.monotonic()
+                    if started >= stop_at[0]:
+                        return
+                    try:
+                        clients.http_call(session) if use_http else clients.grpc_call(stub)
+                        finished = time.monotonic()
+                        if finished <= stop_at[0]:
+                            done.append(finished - started)
+                    except Exception as exc:  # noqa: BLE001 - count and go on
+                        errors.append(repr(exc))
+
+            threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(count)]
+            for thread in threads:
+                thread.start()
+            stop_at[0] = time.monotonic() + duration
+            barrier.wait()
+            while time.monotonic() < stop_at[0]:
+                peak = max(peak, tree_pss_mib(supervisord_pid))
+                time.sleep(0.5)
+            for thread in threads:
+                thread.join(600)  # let calls in flight finish (not counted) before the next run
+            rate = len(done) / duration
+            key = f"{protocol}x{count}"
+            result["runs"][key] = {"requests_per_s": rate, "completed": len(done), "errors": len(errors),
+                                   "p50": statistics.median(done) if done else None}
+            print(f"  {key}: {rate:.3f} req/s ({len(done)} in {duration:.0f} s, {len(errors)} errors)",
+                  flush=True)
+    result["peak_pss_mib"] = peak
+    return result
+
+
+def stack_section(weights: Path, images, args, mode_env: dict) -> dict:
+    sys.path.insert(0, str(REPO))
+    from bench.images import jpeg
+    from tests.helpers import ImageServer, Stack
+
+    server = ImageServer()
+    urls = {name: server.add(f"/{name}.jpg", jpeg(image)) for name, image in images}
+    workdir = Path(tempfile.mkdtemp(prefix="bench-stack-"))
+    env = {"WEIGHTS_FILE": str(weights), "ALLOWED_PRIVATE_TARGETS": f"127.0.0.1:{server.port}",
+           "TORCH_THREADS": os.environ.get("TORCH_THREADS", "0"), **mode_env}
+    result = {"env": {k: v for k, v in env.items() if k != "ALLOWED_PRIVATE_TARGETS"}}
+
+    def start():
+        stack = Stack(workdir, **env)
+        began = time.monotonic()
+        stack.start().wait_ready(timeout=600)
+        return stack, time.monotonic() - began
+
+    stack, result["first_start_s"] = start()
+    print(f"  first start (cache as found): {result['first_start_s']:.1f} s", flush=True)
+    try:
+        pid = stack.process.pid
+        result["latency"] = latency(stack, urls, args.repeats)
+        time.sleep(2)
+        result["idle_pss_mib"] = tree_pss_mib(pid)
+        result["processes"] = [
+            {"pid": p, "cmd": Path(f"/proc/{p}/cmdline").read_text().replace("\0", " ")[:100],
+             "pss_mib": pss_kib(p) / 1024} for p in descendants(pid)]
+        print(f"  whole-stack PSS idle after warm-up: {result['idle_pss_mib']:.0f} MiB", flush=True)
+        first = next(iter(urls.values()))
+        result["throughput"] = throughput(stack, first, args.clients, args.duration, pid)
+    finally:
+        stack.stop()
+    stack, result["cold_start_s"] = start()  # again, with whatever the first start cached
+    stack.stop()
+    print(f"  cold start (caches warm): {result['cold_start_s']:.1f} s", flush=True)
+    server.close()
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+def report(data: dict) -> str:
+    lines = []
+    add = lines.append
+    inp = data["in_process"]
+    names = list(inp["reference"])
+    add(f"## {data['label']}  ({data['when']}, {data['machine']['cpus']} CPUs, {data['weights']['kind']})")
+    add("")
+    add("| in process (median s) | " + " | ".join(names) + " | ratio to reference |")
+    add("| --- |" + " --- |" * (len(names) + 1))
+    add("| reference eager fp32 | " + " | ".join(f"{inp['reference'][n]['seconds']:.3f}" for n in names)
+        + " | 1.00 |")
+    for mode, entry in inp["modes"].items():
+        if "error" in entry:
+            add(f"| {mode} | failed: {entry['error'][:80]} |")
+            continue
+        add(f"| mode `{mode}` ({entry['effective']}) | "
+            + " | ".join(f"{entry['images'][n]['seconds']:.3f}" for n in names)
+            + f" | {entry['ratio']:.2f} |")
+    add("")
+    add("| deviation from reference | " + " | ".join(names) + " |")
+    add("| --- |" + " --- |" * len(names))
+    for mode, entry in inp["modes"].items():
+        if "error" in entry:
+            continue
+        cells = []
+        for n in names:
+            d = entry["images"][n]
+            cell = f"Dice {d['dice']:.3f} ({d['kept']}/{d['kept_ref']})"
+            if "max_score_dev" in d:
+                cell += f", score ±{d['max_score_dev']:.1e}, box ±{d['max_box_dev_px']:.2f}px"
+            cells.append(cell)
+        add(f"| `{mode}` | " + " | ".join(cells) + " |")
+    stack = data.get("stack")
+    if stack:
+        default = data["default_mode"]
+        detect = {n: inp["modes"][default]["images"][n]["seconds"] for n in names}
+        add("")
+        add(f"End to end (default mode `{default}`, one client; ratio = p50 / in-process detect):")
+        add("")
+        add("| image | HTTP p50 | HTTP p95 | gRPC p50 | gRPC p95 | HTTP ratio | gRPC ratio |")
+        add("| --- | --- | --- | --- | --- | --- | --- |")
+        for n in names:
+            lat = stack["latency"][n]
+            add(f"| {n} | {lat['http']['p50']:.3f} | {lat['http']['p95']:.3f} | {lat['grpc']['p50']:.3f} "
+                f"| {lat['grpc']['p95']:.3f} | {lat['http']['p50'] / detect[n]:.2f} "
+                f"| {lat['grpc']['p50'] / detect[n]:.2f} |")
+        best = 1.0 / detect[names[0]]
+        tp = stack["throughput"]
+        add("")
+        add(f"Throughput, {names[0]}, {tp['duration']:.0f} s per run (ratio = req/s ÷ best in-process "
+            f"{best:.3f} req/s):")
+        add("")
+        counts = sorted({int(k.split("x")[1]) for k in tp["runs"]})
+        add("| protocol | " + " | ".join(f"{c} clients" for c in counts) + " |")
+        add("| --- |" + " --- |" * len(counts))
+        for protocol in ("http", "grpc", "mixed"):
+            add(f"| {protocol} | " + " | ".join(
+                f"{tp['runs'][f'{protocol}x{c}']['requests_per_s']:.3f} "
+                f"({tp['runs'][f'{protocol}x{c}']['requests_per_s'] / best:.2f})"
+                + (f" {tp['runs'][f'{protocol}x{c}']['errors']} err" if tp['runs'][f'{protocol}x{c}']['errors'] else "")
+                for c in counts) + " |")
+        one = data.get("one_process_pss_mib", float("nan"))
+        add("")
+        add(f"Memory: whole stack idle {stack['idle_pss_mib']:.0f} MiB PSS "
+            f"({stack['idle_pss_mib'] / one:.2f}× one model process of {one:.0f} MiB), "
+            f"peak under load {tp['peak_pss_mib']:.0f} MiB ({tp['peak_pss_mib'] / one:.2f}×).")
+        add(f"Cold start to /readyz 200 and gRPC SERVING: {stack['cold_start_s']:.1f} s with caches warm "
+            f"(first start of this run: {stack['first_start_s']:.1f} s).")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--label", default="run", help="name of the JSON file under bench/results/")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per image (median)")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per throughput run")
+    parser.add_argument("--clients", default="1,2,4,8", help="concurrency levels")
+    parser.add_argument("--modes", default="", help="comma-separated modes (default: all offered)")
+    parser.add_argument("--no-stack", action="store_true", help="in-process measurements only")
+    parser.add_argument("--quick", action="store_true", help="repeats 2, duration 8 s, clients 1,4")
+    parser.add_argument("--weights", default="", help="state dict to use (default: COCO_V1 if cached, "
+                        "else a seeded realistic checkpoint made under bench/results/)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.duration, args.clients = 2, 8.0, "1,4"
+    args.clients = [int(c) for c in args.clients.split(",") if c]
+    sys.path.insert(0, str(REPO))
+
+    import torch
+    import torchvision
+
+    from bench.checkpoint import cached_checkpoint
+    from bench.images import image_set
+    from common.detector import hub_checkpoint_path
+
+    if args.weights:
+        weights, kind = Path(args.weights), f"weights file {args.weights}"
+    elif os.path.isfile(hub_checkpoint_path()):
+        weights, kind = Path(hub_checkpoint_path()), "true COCO_V1 weights (torch hub cache)"
+    else:
+        weights = cached_checkpoint(RESULTS)
+        kind = f"seeded realistic checkpoint ({weights.name})"
+    images = image_set()
+    modes = [m for m in args.modes.split(",") if m] or available_modes()
+    from common.config import Settings
+
+    default_mode = getattr(Settings(), "detect_mode", "eager")
+    data = {
+        "label": args.label, "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "cpu_flags": cpu_flags(), "python": platform.python_version(),
+                    "torch": torch.__version__, "torchvision": torchvision.__version__},
+        "weights": {"kind": kind, "path": str(weights)}, "default_mode": default_mode,
+        "args": {k: v for k, v in vars(args).items()},
+    }
+    try:
+        import openvino
+
+        data["machine"]["openvino"] = openvino.__version__
+    except ImportError:
+        pass
+    print(f"weights: {kind}; modes: {modes}; default: {default_mode}", flush=True)
+    print("in process:", flush=True)
+    data["in_process"] = in_process(weights, images, args.repeats, modes)
+    if not args.no_stack:
+        print("one model process (PSS):", flush=True)
+        data["one_process_pss_mib"] = one_process_pss(weights, default_mode, {})
+        print(f"  {data['one_process_pss_mib']:.0f} MiB", flush=True)
+        print("stack:", flush=True)
+        data["stack"] = stack_section(weights, images, args, {})
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{args.label}.json"
+    table = report(data)
+    data["table"] = table
+    out.write_text(json.dumps(data, indent=1))
+    (RESULTS / f"{args.label}.md").write_text(table + "\n")
+    print()
+    print(table)
+    print(f"\nJSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
