@@ -400,7 +400,7 @@ def report(data: dict) -> str:
         add(f"Throughput, {names[0]}, {tp['duration']:.0f} s per run (ratio = req/s ÷ best in-process "
             f"{best:.3f} req/s):")
         add("")
-        counts = sorted({int(k.split("x")[1]) for k in tp["runs"]})
+        counts = sorted({int(k.rsplit("x", 1)[1]) for k in tp["runs"]})
         add("| protocol | " + " | ".join(f"{c} clients" for c in counts) + " |")
         add("| --- |" + " --- |" * len(counts))
         for protocol in ("http", "grpc", "mixed"):
@@ -431,6 +431,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="repeats 2, duration 8 s, clients 1,4")
     parser.add_argument("--weights", default="", help="state dict to use (default: COCO_V1 if cached, "
                         "else a seeded realistic checkpoint made under bench/results/)")
+    parser.add_argument("--report", default="", help="only print the table of this JSON result")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.duration, args.clients = 2, 8.0, "1,4"
@@ -444,6 +445,9 @@ def main(argv=None) -> int:
     from bench.images import image_set
     from common.detector import hub_checkpoint_path
 
+    if args.report:  # print the table of an earlier run's JSON
+        print(report(json.loads(Path(args.report).read_text())))
+        return 0
     if args.weights:
         weights, kind = Path(args.weights), f"weights file {args.weights}"
     elif os.path.isfile(hub_checkpoint_path()):
@@ -480,6 +484,7 @@ def main(argv=None) -> int:
         data["stack"] = stack_section(weights, images, args, {})
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{args.label}.json"
+    out.write_text(json.dumps(data, indent=1))  # first, so that a report bug loses nothing
     table = report(data)
     data["table"] = table
     out.write_text(json.dumps(data, indent=1))

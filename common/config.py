@@ -10,6 +10,11 @@ import os
 from dataclasses import dataclass, field
 
 
+# DETECT_MODE values (see common/accel.py): exact = OpenVINO fp32 graph + torchvision, same
+# answers as eager; eager = torchvision as is; fast = bf16 where the CPU has it (answers deviate).
+DETECT_MODES = ("exact", "eager", "fast")
+
+
 class ConfigError(ValueError):
     """An environment variable holds a value that cannot be used."""
 
@@ -68,6 +73,12 @@ class Settings:
     run_dir: str = "/tmp/instance-detector"
     metrics_dir: str = "/tmp/instance-detector/metrics"
 
+    # Detect path (common/accel.py)
+    detect_mode: str = "exact"
+    accel_cache_dir: str = ""  # empty: $XDG_CACHE_HOME/instance-detector or ~/.cache/instance-detector
+    roi_align_threads: int = 2
+    shared_inference_lock: int = 1  # 1: one forward pass at a time across the stack (RUN_DIR)
+
     @classmethod
     def from_env(cls, environ=None) -> "Settings":
         env = os.environ if environ is None else environ
@@ -78,6 +89,9 @@ class Settings:
         sha256 = _env_str(env, "WEIGHTS_SHA256", "").lower()
         if sha256 and (len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256)):
             raise ConfigError("WEIGHTS_SHA256 must be 64 hexadecimal digits")
+        detect_mode = _env_str(env, "DETECT_MODE", cls.detect_mode).lower()
+        if detect_mode not in DETECT_MODES:
+            raise ConfigError(f"DETECT_MODE={detect_mode!r} must be one of {', '.join(DETECT_MODES)}")
         return cls(
             score_threshold=threshold,
             weights_file=_env_str(env, "WEIGHTS_FILE", ""),
@@ -103,4 +117,9 @@ class Settings:
             max_request_bytes=_env_number(env, "MAX_REQUEST_BYTES", cls.max_request_bytes, int, 256),
             run_dir=run_dir,
             metrics_dir=_env_str(env, "PROMETHEUS_MULTIPROC_DIR", os.path.join(run_dir, "metrics")),
+            detect_mode=detect_mode,
+            accel_cache_dir=_env_str(env, "ACCEL_CACHE_DIR", cls.accel_cache_dir),
+            roi_align_threads=_env_number(env, "ROI_ALIGN_THREADS", cls.roi_align_threads, int, 1),
+            shared_inference_lock=_env_number(
+                env, "SHARED_INFERENCE_LOCK", cls.shared_inference_lock, int, 0),
         )

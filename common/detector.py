@@ -11,8 +11,8 @@ the model is never served with untrained weights.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-import threading
 
 import torch
 from PIL import Image
@@ -20,6 +20,9 @@ from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights, maskrcnn
 from torchvision.transforms.functional import pil_to_tensor
 
 from common.config import Settings
+from common.cpugate import CpuGate
+
+log = logging.getLogger(__name__)
 
 COCO_WEIGHTS = MaskRCNN_ResNet50_FPN_Weights.COCO_V1
 COCO_CATEGORIES: list[str] = list(COCO_WEIGHTS.meta["categories"])
@@ -53,7 +56,8 @@ def _state_dict_from_file(path: str, expected_sha256: str) -> dict:
                 f"{expected_sha256}: replace the file or fix WEIGHTS_SHA256"
             )
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: the tensors stay in the page cache, shared by every process that loads the file
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
         raise ModelLoadError(
             f"WEIGHTS_FILE={path} is not a readable PyTorch state dict (truncated or corrupt?): {exc}"
@@ -84,7 +88,7 @@ def build_model(state_dict: dict, score_threshold: float) -> torch.nn.Module:
         box_score_thresh=score_threshold,
     )
     try:
-        model.load_state_dict(state_dict, strict=True)
+        model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as exc:
         raise ModelLoadError(
             f"the weights do not fit maskrcnn_resnet50_fpn with {len(COCO_CATEGORIES)} classes: "
@@ -96,10 +100,13 @@ def build_model(state_dict: dict, score_threshold: float) -> torch.nn.Module:
 class Detector:
     """One loaded model; ``detect`` is thread-safe and runs one forward pass at a time."""
 
-    def __init__(self, model: torch.nn.Module, categories: list[str]):
-        self.model = model
+    def __init__(self, model, categories: list[str], mode: str = "eager", gate_path: str | None = None):
+        self.model = model  # callable like torchvision's model in eval mode: [tensor] -> [dict]
         self.categories = categories
-        self._lock = threading.Lock()  # two passes at once would only fight over the same cores
+        self.mode = mode  # the detect path actually used (see common/accel.py)
+        # Two passes at once would only fight over the same cores: one at a time in this process,
+        # and with gate_path (a file in RUN_DIR) one at a time across all processes of the stack.
+        self._lock = CpuGate(gate_path)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Detector":
@@ -109,11 +116,32 @@ class Detector:
             state_dict = _state_dict_from_file(settings.weights_file, settings.weights_sha256)
         else:
             state_dict = _state_dict_from_torchvision()
-        return cls(build_model(state_dict, settings.score_threshold), COCO_CATEGORIES)
+        model = build_model(state_dict, settings.score_threshold)
+        gate = os.path.join(settings.run_dir, "inference.lock") if settings.shared_inference_lock else None
+        if settings.detect_mode == "eager":
+            return cls(model, COCO_CATEGORIES, "eager", gate)
+        from common import accel
+
+        try:
+            accelerated, mode = accel.build(
+                model, accel.state_dict_sha256(state_dict), settings.detect_mode,
+                cache_dir=settings.accel_cache_dir, threads=settings.torch_threads,
+                roi_align_threads=settings.roi_align_threads)
+        except Exception:  # noqa: BLE001 - the eager model gives the same answers, only slower
+            log.exception("DETECT_MODE=%s could not be set up; running torchvision eager instead",
+                          settings.detect_mode)
+            return cls(build_model(state_dict, settings.score_threshold), COCO_CATEGORIES, "eager", gate)
+        log.info("detect path: %s", mode)
+        return cls(accelerated, COCO_CATEGORIES, mode, gate)
+
+    def detect_raw(self, image: Image.Image) -> dict:
+        """The model's output for ``image``: ``boxes`` (x1, y1, x2, y2 in pixels), ``scores``,
+        ``labels`` (indices into ``categories``), best first."""
+        tensor = pil_to_tensor(image).float().div_(255.0)
+        with self._lock, torch.inference_mode():
+            return self.model([tensor])[0]
 
     def detect(self, image: Image.Image) -> list[str]:
         """COCO category names of the instances scoring above the threshold, best first."""
-        tensor = pil_to_tensor(image).float().div_(255.0)
-        with self._lock, torch.inference_mode():
-            output = self.model([tensor])[0]
+        output = self.detect_raw(image)
         return [self.categories[index] for index in output["labels"].tolist()]

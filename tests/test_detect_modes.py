@@ -1,0 +1,141 @@
+"""The detect modes (common/accel.py): the default path answers exactly what torchvision's eager
+model answers, the fast mode runs only when asked for, conversions are cached.
+
+Real models throughout: a seeded checkpoint with realistic score spread (bench/checkpoint.py),
+compared at a low threshold so that many boxes (up to torchvision's 100) are compared.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+import torch
+from torchvision.models.detection import MaskRCNN
+
+from bench.checkpoint import make_realistic_checkpoint
+from bench.images import photo_like
+from common import accel
+from common.config import ConfigError, Settings
+from common.cpugate import CpuGate
+from common.detector import Detector
+
+LOW_THRESHOLD = 0.05
+
+
+@pytest.fixture(scope="module")
+def realistic(tmp_path_factory):
+    path = tmp_path_factory.mktemp("realistic") / "realistic.pt"
+    make_realistic_checkpoint(path, seed=3, target_boxes=5, images=[photo_like(640, 480, seed=21)])
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("accel-cache")
+
+
+def settings(path, cache_dir, mode=None, threshold=LOW_THRESHOLD, **extra):
+    env = {"WEIGHTS_FILE": str(path), "SCORE_THRESHOLD": str(threshold),
+           "ACCEL_CACHE_DIR": str(cache_dir), "RUN_DIR": str(cache_dir / "run"), **extra}
+    if mode is not None:
+        env["DETECT_MODE"] = mode
+    return Settings.from_env(env)
+
+
+@pytest.fixture(scope="module")
+def eager(realistic, cache_dir):
+    return Detector.from_settings(settings(realistic, cache_dir, "eager"))
+
+
+@pytest.fixture(scope="module")
+def default(realistic, cache_dir):
+    return Detector.from_settings(settings(realistic, cache_dir))  # DETECT_MODE unset
+
+
+def test_modes_config():
+    assert Settings().detect_mode == "exact"
+    assert Settings.from_env({}).detect_mode == "exact"
+    assert Settings.from_env({"DETECT_MODE": " Fast "}).detect_mode == "fast"
+    assert Settings.from_env({"DETECT_MODE": "eager"}).detect_mode == "eager"
+    with pytest.raises(ConfigError, match="DETECT_MODE"):
+        Settings.from_env({"DETECT_MODE": "bf16"})
+    with pytest.raises(ConfigError, match="ROI_ALIGN_THREADS"):
+        Settings.from_env({"ROI_ALIGN_THREADS": "0"})
+
+
+def test_eager_mode_is_torchvision_itself(eager):
+    assert eager.mode == "eager"
+    assert isinstance(eager.model, MaskRCNN)
+
+
+@pytest.mark.parametrize("size", [(640, 480), (1280, 720), (517, 333)])
+def test_default_path_answers_like_eager(eager, default, size):
+    assert default.mode == "exact"
+    image = photo_like(*size, seed=sum(size))
+    want, got = eager.detect_raw(image), default.detect_raw(image)
+    assert len(want["labels"]) >= 50, "too few boxes to compare"
+    assert got["labels"].tolist() == want["labels"].tolist()
+    assert (got["scores"] - want["scores"]).abs().max().item() <= 1e-3
+    assert (got["boxes"] - want["boxes"]).abs().max().item() <= 0.5
+    assert default.detect(image) == eager.detect(image)
+
+
+def test_default_path_at_the_service_threshold(realistic, cache_dir):
+    eager = Detector.from_settings(settings(realistic, cache_dir, "eager", threshold=0.75))
+    exact = Detector.from_settings(settings(realistic, cache_dir, "exact", threshold=0.75))
+    image = photo_like(640, 480, seed=21)  # the calibration image: about five kept boxes
+    names = eager.detect(image)
+    assert 1 <= len(names) <= 20
+    assert exact.detect(image) == names
+
+
+def test_conversion_is_cached(default, realistic, cache_dir, caplog):
+    graphs = sorted(p.name for p in cache_dir.glob("*.xml"))
+    assert len(graphs) == 1  # made once by the `default` fixture
+    bin_file = next(cache_dir.glob("*.bin"))
+    before = bin_file.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="common.accel"):
+        again = Detector.from_settings(settings(realistic, cache_dir))
+    assert again.mode == "exact"
+    assert "converting" not in caplog.text
+    assert sorted(p.name for p in cache_dir.glob("*.xml")) == graphs
+    assert bin_file.stat().st_mtime_ns == before
+
+
+def test_fast_mode_only_when_asked(realistic, cache_dir, default, caplog):
+    assert default.mode != "fast"
+    with caplog.at_level(logging.WARNING, logger="common.accel"):
+        fast = Detector.from_settings(settings(realistic, cache_dir, "fast", threshold=0.75))
+    import openvino
+
+    if accel.bf16_supported(openvino.Core()):
+        assert fast.mode == "fast"
+    else:
+        assert fast.mode == "exact"
+        assert "no bf16 support" in caplog.text
+    assert isinstance(fast.detect(photo_like(320, 240, seed=2)), list)
+
+
+def test_gate_is_exclusive_across_open_files(tmp_path):
+    first, second = CpuGate(str(tmp_path / "gate.lock")), CpuGate(str(tmp_path / "gate.lock"))
+    entered = threading.Event()
+
+    def enter_second():
+        with second:
+            entered.set()
+
+    with first:
+        thread = threading.Thread(target=enter_second)
+        thread.start()
+        assert not entered.wait(0.5)
+    assert entered.wait(10)
+    thread.join(10)
+
+
+def test_state_dict_digest_depends_on_values():
+    a = {"w": torch.zeros(3), "b": torch.ones(2)}
+    b = {"w": torch.zeros(3), "b": torch.tensor([1.0, 2.0])}
+    assert accel.state_dict_sha256(a) == accel.state_dict_sha256(dict(reversed(list(a.items()))))
+    assert accel.state_dict_sha256(a) != accel.state_dict_sha256(b)
