@@ -143,6 +143,8 @@ def timed(fn, repeats: int) -> tuple[float, list]:
 # --------------------------------------------------------------------------- in process
 
 def in_process(weights: Path, images, repeats: int, modes: list[str]) -> dict:
+    """Reference and every mode, timed interleaved (ref, mode 1, mode 2, ref, ...) per image, so
+    that load from elsewhere on the machine hits them alike and the ratios stay meaningful."""
     import torch
     from torchvision.models.detection import maskrcnn_resnet50_fpn
     from torchvision.transforms.functional import pil_to_tensor
@@ -154,43 +156,48 @@ def in_process(weights: Path, images, repeats: int, modes: list[str]) -> dict:
                                   num_classes=len(COCO_CATEGORIES), box_score_thresh=0.75)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     model.eval()
-    refs = {}
-    for name, image in images:
-        def run():
-            tensor = pil_to_tensor(image).float().div_(255.0)
-            with torch.inference_mode():
-                return model([tensor])[0]
-        out = run()  # warm-up
-        median, times = timed(run, repeats)
-        refs[name] = (out["labels"].tolist(), out["scores"].tolist(), out["boxes"].tolist())
-        result["reference"][name] = {"seconds": median, "all": times, "kept": len(refs[name][0])}
-        print(f"  reference {name}: {median:.3f} s, {len(refs[name][0])} boxes", flush=True)
-    del model
 
+    def reference(image):
+        tensor = pil_to_tensor(image).float().div_(255.0)
+        with torch.inference_mode():
+            return model([tensor])[0]
+
+    detectors = {}
     for mode in modes:
         start = time.perf_counter()
         try:
-            detector = Detector.from_settings(settings_for(weights, mode))
+            detectors[mode] = Detector.from_settings(settings_for(weights, mode))
         except Exception as exc:  # noqa: BLE001 - report, go on with the other modes
             result["modes"][mode] = {"error": repr(exc)}
             print(f"  mode {mode}: failed to load: {exc!r}", flush=True)
             continue
-        entry = {"load_seconds": time.perf_counter() - start, "images": {},
-                 "effective": getattr(detector, "mode", mode)}
-        for name, image in images:
-            got = raw_outputs(detector, image)  # warm-up, and the answers
-            median, times = timed(lambda: detector.detect(image), repeats)
-            ref_seconds = result["reference"][name]["seconds"]
-            entry["images"][name] = {"seconds": median, "all": times, "ratio": median / ref_seconds,
-                                     **deviation(refs[name], got)}
+        result["modes"][mode] = {"load_seconds": time.perf_counter() - start, "images": {},
+                                 "effective": getattr(detectors[mode], "mode", mode)}
+    for name, image in images:
+        out = reference(image)  # warm-up, and the answers
+        ref = (out["labels"].tolist(), out["scores"].tolist(), out["boxes"].tolist())
+        answers = {mode: raw_outputs(d, image) for mode, d in detectors.items()}
+        times = {"reference": []} | {mode: [] for mode in detectors}
+        for _ in range(repeats):
+            times["reference"].append(timed(lambda: reference(image), 1)[0])
+            for mode, detector in detectors.items():
+                times[mode].append(timed(lambda: detector.detect(image), 1)[0])
+        ref_seconds = statistics.median(times["reference"])
+        result["reference"][name] = {"seconds": ref_seconds, "all": times["reference"],
+                                     "kept": len(ref[0])}
+        print(f"  reference {name}: {ref_seconds:.3f} s, {len(ref[0])} boxes", flush=True)
+        for mode in detectors:
+            median = statistics.median(times[mode])
+            entry = result["modes"][mode]["images"][name] = {
+                "seconds": median, "all": times[mode], "ratio": median / ref_seconds,
+                **deviation(ref, answers[mode])}
             print(f"  mode {mode} {name}: {median:.3f} s ({median / ref_seconds:.2f}x)  "
-                  f"{ {k: v for k, v in entry['images'][name].items() if k not in ('all',)} }",
-                  flush=True)
-        total = sum(v["seconds"] for v in entry["images"].values())
-        ref_total = sum(result["reference"][n]["seconds"] for n, _ in images)
-        entry["ratio"] = total / ref_total
-        result["modes"][mode] = entry
-        del detector
+                  f"{ {k: v for k, v in entry.items() if k != 'all'} }", flush=True)
+    ref_total = sum(result["reference"][n]["seconds"] for n, _ in images)
+    for mode in detectors:
+        entry = result["modes"][mode]
+        entry["ratio"] = sum(v["seconds"] for v in entry["images"].values()) / ref_total
+    del model, detectors
     return result
 
 
