@@ -71,6 +71,14 @@ def _state_dict_from_file(path: str, expected_sha256: str) -> dict:
 
 
 def _state_dict_from_torchvision() -> dict:
+    cached = hub_checkpoint_path()
+    if os.path.isfile(cached):
+        # What get_state_dict would load (its hash is checked when it is downloaded), but mapped
+        # into memory so that every process of the stack shares its pages.
+        try:
+            return torch.load(cached, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - let torchvision's own loader report the problem
+            pass
     try:
         return COCO_WEIGHTS.get_state_dict(progress=False, check_hash=True)
     except Exception as exc:  # noqa: BLE001 - network, hash and file errors alike
