@@ -44,27 +44,10 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
-def descendants(root: int) -> list[int]:
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    fields = handle.read().rsplit(")", 1)[1].split()
-                parents[int(entry)] = int(fields[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    found, frontier = [root], [root]
-    while frontier:
-        current = frontier.pop()
-        children = [pid for pid, parent in parents.items() if parent == current]
-        found += children
-        frontier += children
-    return found
-
-
 def tree_pss_mib(root: int) -> float:
-    return sum(pss_kib(pid) for pid in descendants(root)) / 1024
+    from tests.helpers import process_tree
+
+    return sum(pss_kib(pid) for pid in process_tree(root)) / 1024
 
 
 def percentile(values, q):
@@ -287,27 +270,31 @@ def throughput(stack, url: str, concurrency: list[int], duration: float, supervi
                         return
                     try:
                         clients.http_call(session) if use_http else clients.grpc_call(stub)
-                        finished = time.monotonic()
-                        if finished <= stop_at[0]:
-                            done.append(finished - started)
+                        done.append((started, time.monotonic()))
                     except Exception as exc:  # noqa: BLE001 - count and go on
                         errors.append(repr(exc))
 
             threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(count)]
             for thread in threads:
                 thread.start()
-            stop_at[0] = time.monotonic() + duration
+            began = time.monotonic()
+            stop_at[0] = began + duration
             barrier.wait()
             while time.monotonic() < stop_at[0]:
                 peak = max(peak, tree_pss_mib(supervisord_pid))
                 time.sleep(0.5)
             for thread in threads:
-                thread.join(600)  # let calls in flight finish (not counted) before the next run
-            rate = len(done) / duration
+                thread.join(600)
+            # Every call started within the window counts, and the clock runs until the last one
+            # ends: a few-second call cut off at the window's end would otherwise skew short runs.
+            elapsed = max((end for _, end in done), default=began + duration) - began
+            rate = len(done) / elapsed
             key = f"{protocol}x{count}"
-            result["runs"][key] = {"requests_per_s": rate, "completed": len(done), "errors": len(errors),
-                                   "p50": statistics.median(done) if done else None}
-            print(f"  {key}: {rate:.3f} req/s ({len(done)} in {duration:.0f} s, {len(errors)} errors)",
+            result["runs"][key] = {
+                "requests_per_s": rate, "completed": len(done), "elapsed_s": elapsed,
+                "errors": len(errors),
+                "p50": statistics.median(end - start for start, end in done) if done else None}
+            print(f"  {key}: {rate:.3f} req/s ({len(done)} in {elapsed:.1f} s, {len(errors)} errors)",
                   flush=True)
     result["peak_pss_mib"] = peak
     return result
@@ -338,9 +325,8 @@ def stack_section(weights: Path, images, args, mode_env: dict) -> dict:
         result["latency"] = latency(stack, urls, args.repeats)
         time.sleep(2)
         result["idle_pss_mib"] = tree_pss_mib(pid)
-        result["processes"] = [
-            {"pid": p, "cmd": Path(f"/proc/{p}/cmdline").read_text().replace("\0", " ")[:100],
-             "pss_mib": pss_kib(p) / 1024} for p in descendants(pid)]
+        result["processes"] = [{"pid": p, "cmd": command[:100], "pss_mib": pss_kib(p) / 1024}
+                               for p, command in stack.processes().items()]
         print(f"  whole-stack PSS idle after warm-up: {result['idle_pss_mib']:.0f} MiB", flush=True)
         first = next(iter(urls.values()))
         result["throughput"] = throughput(stack, first, args.clients, args.duration, pid)

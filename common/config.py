@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 # DETECT_MODE values (see common/accel.py): exact = OpenVINO fp32 graph + torchvision, same
 # answers as eager; eager = torchvision as is; fast = bf16 where the CPU has it (answers deviate).
 DETECT_MODES = ("exact", "eager", "fast")
+MAX_SOCKET_PATH = 107  # sockaddr_un.sun_path holds 108 bytes, the last one a NUL
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,9 @@ class Settings:
     weights_sha256: str = ""
     torch_threads: int = 0  # 0: one per available core
     model_wait_timeout: float = 60.0  # how long a request waits for a model still loading
+    # Unix socket of the stack's one model process (common/model_server.py); empty: this process
+    # loads its own model. supervisord.conf sets it to $RUN_DIR/model.sock.
+    model_server: str = ""
 
     # Fetching
     fetch_connect_timeout: float = 3.0
@@ -67,7 +71,7 @@ class Settings:
     http_port: int = 8080
     grpc_port: int = 9090
     http_workers: int = 2
-    http_threads: int = 1
+    http_threads: int = 4
     grpc_threads: int = 4
     max_request_bytes: int = 64 * 1024
     run_dir: str = "/tmp/instance-detector"
@@ -92,12 +96,17 @@ class Settings:
         detect_mode = _env_str(env, "DETECT_MODE", cls.detect_mode).lower()
         if detect_mode not in DETECT_MODES:
             raise ConfigError(f"DETECT_MODE={detect_mode!r} must be one of {', '.join(DETECT_MODES)}")
+        model_server = _env_str(env, "MODEL_SERVER", cls.model_server)
+        if len(model_server.encode()) > MAX_SOCKET_PATH:
+            raise ConfigError(f"MODEL_SERVER={model_server!r} is longer than a Unix socket path may be "
+                              f"({MAX_SOCKET_PATH} bytes): use a shorter RUN_DIR")
         return cls(
             score_threshold=threshold,
             weights_file=_env_str(env, "WEIGHTS_FILE", ""),
             weights_sha256=sha256,
             torch_threads=_env_number(env, "TORCH_THREADS", cls.torch_threads, int, 0),
             model_wait_timeout=_env_number(env, "MODEL_WAIT_TIMEOUT", cls.model_wait_timeout, float, 0.0),
+            model_server=model_server,
             fetch_connect_timeout=_env_number(
                 env, "FETCH_CONNECT_TIMEOUT", cls.fetch_connect_timeout, float, 0.001),
             fetch_read_timeout=_env_number(env, "FETCH_READ_TIMEOUT", cls.fetch_read_timeout, float, 0.001),

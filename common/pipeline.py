@@ -1,4 +1,10 @@
-"""The data plane both servers call: ``DetectionService.predict(url) -> [category names]``."""
+"""The data plane both servers call: ``DetectionService.predict(url) -> [category names]``.
+
+The model behind it is either loaded in this process (``LocalModel``) or, under supervisord,
+the stack's one model process reached over a Unix socket (``common.model_server.RemoteModel``,
+chosen by ``MODEL_SERVER``). Both offer the same small interface: ``start``, ``status``,
+``wait_until_loaded``, ``check_usable`` and ``detect``.
+"""
 
 from __future__ import annotations
 
@@ -7,30 +13,28 @@ import threading
 
 from common.config import Settings
 from common.decode import decode_image
-from common.detector import Detector, ModelLoadError
 from common.errors import NotReady
 from common.fetch import ImageFetcher, validate_url
 
 log = logging.getLogger(__name__)
 
 
-class DetectionService:
-    """Owns one process's fetcher and model; loads the model in the background.
+class LocalModel:
+    """This process's own model, loaded on a background thread.
 
-    Until the model is loaded, ``predict`` waits for it (up to ``MODEL_WAIT_TIMEOUT``);
-    if loading failed, ``predict`` raises ``NotReady`` with the loader's message at once.
+    Until it is loaded, ``detect`` waits for it (up to ``MODEL_WAIT_TIMEOUT``); if loading
+    failed, ``detect`` raises ``NotReady`` with the loader's message at once.
     """
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.fetcher = ImageFetcher(settings)
-        self._detector: Detector | None = None
+        self._detector = None  # common.detector.Detector once loaded
         self._load_error: str | None = None
         self._done = threading.Event()
         self._started = False
         self._start_lock = threading.Lock()
 
-    def start_loading(self) -> "DetectionService":
+    def start(self) -> "LocalModel":
         """Begin loading the model on a daemon thread (idempotent)."""
         with self._start_lock:
             if not self._started:
@@ -39,6 +43,9 @@ class DetectionService:
         return self
 
     def _load(self) -> None:
+        # imported here: a process whose model lives elsewhere never loads torch
+        from common.detector import Detector, ModelLoadError
+
         source = self.settings.weights_file or "torchvision COCO_V1 (torch hub cache)"
         log.info("loading maskrcnn_resnet50_fpn weights from %s", source)
         try:
@@ -53,10 +60,6 @@ class DetectionService:
         finally:
             self._done.set()
 
-    @property
-    def ready(self) -> bool:
-        return self._detector is not None
-
     def status(self) -> tuple[str, str]:
         """(state, message): state is 'ready', 'loading' or 'failed'."""
         if self._detector is not None:
@@ -68,17 +71,47 @@ class DetectionService:
     def wait_until_loaded(self, timeout: float | None = None) -> bool:
         """Block until loading has finished (either way); True if the model is ready."""
         self._done.wait(timeout)
-        return self.ready
+        return self._detector is not None
 
-    def detector(self) -> Detector:
+    def check_usable(self):
         """The loaded detector, waiting while it loads; NotReady if it cannot be had."""
-        self.start_loading()
+        self.start()
         if not self.wait_until_loaded(self.settings.model_wait_timeout):
             raise NotReady(f"model not loaded: {self.status()[1]}")
         return self._detector
 
+    def detect(self, image) -> list[str]:
+        return self.check_usable().detect(image)
+
+
+class DetectionService:
+    """URL -> validate -> SSRF-guarded fetch -> decode -> detect -> COCO names."""
+
+    def __init__(self, settings: Settings, model=None):
+        self.settings = settings
+        self.fetcher = ImageFetcher(settings)
+        if model is None:
+            if settings.model_server:
+                from common.model_server import RemoteModel
+
+                model = RemoteModel(settings)
+            else:
+                model = LocalModel(settings)
+        self.model = model
+
+    def start_loading(self) -> "DetectionService":
+        self.model.start()
+        return self
+
+    def status(self) -> tuple[str, str]:
+        """(state, message): state is 'ready', 'loading' or 'failed'."""
+        return self.model.status()
+
+    def wait_until_loaded(self, timeout: float | None = None) -> bool:
+        return self.model.wait_until_loaded(timeout)
+
     def predict(self, url) -> list[str]:
         url = validate_url(url, self.settings.max_url_length)
-        detector = self.detector()
+        self.model.check_usable()  # a model that cannot answer fails the request before any fetch
         image = decode_image(self.fetcher.fetch(url), self.settings.max_image_pixels)
-        return detector.detect(image)
+        return self.model.detect(image)

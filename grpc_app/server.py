@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InstanceDetector"].full_name
 STOP_GRACE_SECONDS = 25.0
+READINESS_POLL_SECONDS = 1.0
 
 # The one place where data-plane errors become gRPC status codes.
 GRPC_STATUS = {
@@ -80,10 +82,18 @@ def build_server(settings: Settings, service: DetectionService):
 
 
 def _report_readiness(service: DetectionService, health_servicer) -> None:
-    status = (health_pb2.HealthCheckResponse.SERVING if service.wait_until_loaded()
-              else health_pb2.HealthCheckResponse.NOT_SERVING)
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, status)
+    """Keep the health status in step with the model (which may live in another process that
+    restarts); after ``enter_graceful_shutdown`` the servicer ignores further updates."""
+    serving = None
+    while True:
+        now_serving = service.status()[0] == "ready"
+        if now_serving != serving:
+            serving = now_serving
+            status = (health_pb2.HealthCheckResponse.SERVING if serving
+                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+            for name in ("", SERVICE_NAME):
+                health_servicer.set(name, status)
+        time.sleep(READINESS_POLL_SECONDS)
 
 
 def serve(settings: Settings | None = None) -> None:

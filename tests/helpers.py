@@ -222,6 +222,25 @@ class ImageServer:
 
 # --------------------------------------------------------------------------- the real stack
 
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants, from /proc."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [root], [root]
+    while frontier:
+        current = frontier.pop()
+        children = [pid for pid, parent in parents.items() if parent == current]
+        found += children
+        frontier += children
+    return found
+
+
 def free_port() -> int:
     """A free loopback port below Linux's ephemeral range, so that no outgoing connection's
     source port takes it between this check and the server's bind."""
@@ -238,7 +257,8 @@ def free_port() -> int:
 
 
 class Stack:
-    """supervisord with the repository's supervisord.conf: gunicorn (Flask) + the gRPC server."""
+    """supervisord with the repository's supervisord.conf: the model process, gunicorn (Flask)
+    and the gRPC server."""
 
     def __init__(self, workdir: Path, **settings: str):
         self.workdir = Path(workdir)
@@ -297,7 +317,7 @@ class Stack:
         raise TimeoutError(f"{what} not up after {timeout}s:\n{self.log_tail()}")
 
     def wait_ready(self, timeout: float = 120.0) -> "Stack":
-        """Both servers answer and both processes' models are loaded."""
+        """Both servers answer and report the model process's model loaded."""
         self.wait_until(lambda: requests.get(self.http + "/readyz", timeout=2).status_code == 200,
                         timeout, "HTTP readiness")
         self.wait_until(lambda: self.grpc_health() == "SERVING", timeout, "gRPC readiness")
@@ -329,6 +349,28 @@ class Stack:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             return self.process.wait(10)
+
+    def supervisorctl(self, *args: str) -> str:
+        """Run supervisorctl against this stack; its output."""
+        result = subprocess.run([str(VENV_BIN / "supervisorctl"), "-c", str(REPO / "supervisord.conf"),
+                                 *args], env=self.env, capture_output=True, text=True, timeout=60)
+        return result.stdout
+
+    def program_pid(self, program: str) -> int:
+        """The pid supervisord reports for ``program`` (``model``, ``detector:http``,
+        ``detector:grpc``); 0 while it is not running."""
+        return int(self.supervisorctl("pid", program).strip() or 0)
+
+    def processes(self) -> dict[int, str]:
+        """{pid: command line} of supervisord and every process below it."""
+        commands = {}
+        for pid in process_tree(self.process.pid):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            commands[pid] = " ".join(arg.decode(errors="replace") for arg in argv if arg)
+        return commands
 
     def log_tail(self, lines: int = 60) -> str:
         try:

@@ -2,20 +2,12 @@
 
 import os
 import signal
-import subprocess
 
 from tests.conftest import CLASS_A
-from tests.helpers import REPO, VENV_BIN, Stack
+from tests.helpers import Stack
 
 HTTP_COUNTER = "app_http_inference_count"
 GRPC_COUNTER = "app_grpc_inference_count"
-
-
-def supervisor_pid(stack: Stack, program: str) -> int:
-    result = subprocess.run([str(VENV_BIN / "supervisorctl"), "-c", str(REPO / "supervisord.conf"),
-                             "pid", f"detector:{program}"], env=stack.env, capture_output=True,
-                            text=True, timeout=30)
-    return int(result.stdout.strip())
 
 
 def test_counters_survive_a_crash_and_reset_with_the_stack(tmp_path, checkpoints, image_server, grpc_client):
@@ -29,9 +21,9 @@ def test_counters_survive_a_crash_and_reset_with_the_stack(tmp_path, checkpoints
         assert grpc_client(stack.grpc_target, url) == [CLASS_A]
         assert (stack.metric_value(HTTP_COUNTER), stack.metric_value(GRPC_COUNTER)) == (1, 1)
 
-        old_grpc = supervisor_pid(stack, "grpc")
+        old_grpc = stack.program_pid("detector:grpc")
         os.kill(old_grpc, signal.SIGKILL)  # a crash: supervisord restarts it
-        stack.wait_until(lambda: supervisor_pid(stack, "grpc") not in (0, old_grpc), what="gRPC restart")
+        stack.wait_until(lambda: stack.program_pid("detector:grpc") not in (0, old_grpc), what="gRPC restart")
         stack.wait_ready()
         assert (stack.metric_value(HTTP_COUNTER), stack.metric_value(GRPC_COUNTER)) == (1, 1)
         assert grpc_client(stack.grpc_target, url) == [CLASS_A]

@@ -55,9 +55,11 @@ print(json.dumps(found))
 
 
 def roles(container: Container) -> dict:
-    """{'supervisord': [...], 'gunicorn_master': [...], 'gunicorn_workers': [...], 'grpc': [...]}"""
+    """{'supervisord': [...], 'model': [...], 'gunicorn_master': [...], 'gunicorn_workers': [...],
+    'grpc': [...]}"""
     procs = processes(container)
-    by_role = {"supervisord": [], "gunicorn_master": [], "gunicorn_workers": [], "grpc": [], "other": []}
+    by_role = {"supervisord": [], "model": [], "gunicorn_master": [], "gunicorn_workers": [], "grpc": [],
+               "other": []}
     gunicorn = [p for p in procs if "gunicorn" in p["argv"]]
     gunicorn_pids = {p["pid"] for p in gunicorn}
     for p in procs:
@@ -68,6 +70,8 @@ def roles(container: Container) -> dict:
             by_role["gunicorn_workers" if p["ppid"] in gunicorn_pids else "gunicorn_master"].append(p)
         elif p["argv"][-2:] == ["-m", "grpc_app"]:
             by_role["grpc"].append(p)
+        elif p["argv"][-2:] == ["-m", "common.model_server"]:
+            by_role["model"].append(p)
         else:
             by_role["other"].append(p)
     return by_role
@@ -186,8 +190,9 @@ def test_servers_are_separate_non_root_processes(service):
     assert len(found["gunicorn_master"]) == 1
     assert len(found["gunicorn_workers"]) == 2
     assert len(found["grpc"]) == 1
+    assert len(found["model"]) == 1
     master = found["gunicorn_master"][0]
-    assert master["ppid"] == 1 and found["grpc"][0]["ppid"] == 1
+    assert master["ppid"] == 1 and found["grpc"][0]["ppid"] == 1 and found["model"][0]["ppid"] == 1
     assert all(w["ppid"] == master["pid"] for w in found["gunicorn_workers"])
     every = [p for group in found.values() for p in group]
     assert all(0 not in p["uids"] for p in every), every
@@ -205,6 +210,17 @@ def test_crashed_servers_are_restarted(service, container_images, grpc_client):
         "a new gRPC server process")
     assert old_grpc not in [p["pid"] for p in roles(service)["grpc"]] and len(new_grpc) == 1
     service.wait(lambda: grpc_health(service.grpc_target) == "SERVING", 120, "restarted gRPC SERVING")
+    assert set(grpc_client(service.grpc_target, url)) == {CATEGORY}
+    seen.append(counter(service))
+
+    # the model process dies: supervisord starts a new one, and both servers answer again
+    old_model = roles(service)["model"][0]["pid"]
+    service.exec("sh", "-c", f"kill -KILL {old_model}")
+    service.wait(lambda: [p["pid"] for p in roles(service)["model"] if p["pid"] != old_model], 60,
+                 "a new model process")
+    service.wait(lambda: requests.get(service.http + "/readyz", timeout=5).status_code == 200, 120,
+                 "ready again")
+    assert set(http_predict(service, url).json()["objects"]) == {CATEGORY}
     assert set(grpc_client(service.grpc_target, url)) == {CATEGORY}
     seen.append(counter(service))
 

@@ -1,0 +1,97 @@
+"""The stack loads the model once, in its model process, and survives that process crashing."""
+
+import os
+import signal
+import stat
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from common.model_server import HEADER, MAGIC, pack_image, unpack_image
+from tests.conftest import CLASS_A
+from tests.helpers import Stack
+
+
+def maps_torch(pid: int) -> bool:
+    try:
+        return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def test_only_the_model_process_holds_the_model(stack):
+    processes = stack.processes()
+    holders = [command for pid, command in processes.items() if maps_torch(pid)]
+    assert holders == ["python -m common.model_server"], processes
+    # supervisord, the model process, the gunicorn master and its two workers, the gRPC server
+    assert len(processes) == 6, processes
+    socket_path = Path(stack.env["RUN_DIR"]) / "model.sock"
+    mode = socket_path.stat().st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+
+
+def test_a_crashed_model_process_is_restarted_and_the_servers_recover(tmp_path, checkpoints, image_server,
+                                                                     grpc_client):
+    path, _ = checkpoints[CLASS_A]
+    stack = Stack(tmp_path, WEIGHTS_FILE=path,
+                  ALLOWED_PRIVATE_TARGETS=f"127.0.0.1:{image_server.port}").start().wait_ready()
+    url = image_server.url("/img/jpeg")
+    try:
+        fronts = {name: stack.program_pid(name) for name in ("detector:http", "detector:grpc")}
+        old_model = stack.program_pid("model")
+        os.kill(old_model, signal.SIGKILL)
+        # while it is gone or reloading, a request either waits and succeeds or gets a clean 503
+        response = stack.predict_http(url)
+        assert response.status_code in (200, 503), response.text
+        if response.status_code == 503:
+            assert response.json()["error"]["code"] == "not_ready"
+        stack.wait_until(lambda: stack.program_pid("model") not in (0, old_model), what="model restart")
+        stack.wait_ready()
+        assert stack.predict_http(url).json() == {"objects": [CLASS_A]}
+        assert grpc_client(stack.grpc_target, url) == [CLASS_A]
+        assert {name: stack.program_pid(name) for name in fronts} == fronts  # the servers stayed up
+    finally:
+        assert stack.stop() == 0
+
+
+def test_image_payload_round_trip():
+    image = Image.frombytes("RGB", (3, 2), bytes(range(18)))
+    assert unpack_image(pack_image(image)).tobytes() == image.tobytes()
+    grey = Image.new("L", (4, 4), 7)
+    assert unpack_image(pack_image(grey)).getpixel((0, 0)) == (7, 7, 7)
+
+
+@pytest.mark.parametrize("payload", [
+    b"",
+    b"RGB8",
+    HEADER.pack(b"JPEG", 1, 1) + b"abc",
+    HEADER.pack(MAGIC, 2, 2) + b"abc",  # 4 pixels declared, 1 sent
+    HEADER.pack(MAGIC, 0, 5),
+    HEADER.pack(MAGIC, 1, 1) + b"abcd",  # one byte too many
+], ids=["empty", "header-cut", "wrong-magic", "short", "zero-width", "long"])
+def test_malformed_payloads_are_refused(payload):
+    with pytest.raises(ValueError):
+        unpack_image(payload)
+
+
+def test_servers_report_not_ready_while_the_model_process_is_down(tmp_path, checkpoints, image_server):
+    """With the model process stopped by the operator, /readyz says so and /predict answers 503
+    within its deadline instead of hanging."""
+    path, _ = checkpoints[CLASS_A]
+    stack = Stack(tmp_path, WEIGHTS_FILE=path, MODEL_WAIT_TIMEOUT="2",
+                  ALLOWED_PRIVATE_TARGETS=f"127.0.0.1:{image_server.port}").start().wait_ready()
+    try:
+        stack.supervisorctl("stop", "model")
+        assert stack.program_pid("model") == 0
+        ready = requests.get(stack.http + "/readyz", timeout=10)
+        assert ready.status_code == 503 and ready.json()["status"] == "loading"
+        response = stack.predict_http(image_server.url("/img/jpeg"), timeout=60)
+        assert response.status_code == 503 and response.json()["error"]["code"] == "not_ready"
+        assert "model process" in response.json()["error"]["message"]
+        stack.supervisorctl("start", "model")
+        stack.wait_ready()
+        assert stack.predict_http(image_server.url("/img/jpeg")).json() == {"objects": [CLASS_A]}
+    finally:
+        assert stack.stop() == 0
