@@ -104,10 +104,18 @@ def _normalise(ip: IPAddress) -> IPAddress:
 
 
 def _lookup_name(host: str) -> str:
-    """The name to resolve: without the root dot, and RFC 6761 ``*.localhost`` as ``localhost``."""
+    """The name to resolve: without the root dot, RFC 6761 ``*.localhost`` as ``localhost``, and an
+    IPv6 literal without its zone id (``[fe80::1%25eth0]``: the address alone is what is checked)."""
     name = host.rstrip(".")
     if name.lower() == "localhost" or name.lower().endswith(".localhost"):
         return "localhost"
+    if "%" in name:
+        address = name.split("%", 1)[0]
+        try:
+            ipaddress.IPv6Address(address)
+        except ValueError:
+            return name
+        return address
     return name
 
 

@@ -33,7 +33,7 @@ def test_public_addresses_pass(address):
 @pytest.mark.parametrize("host", [
     "127.0.0.1", "localhost", "2130706433", "0x7f.1", "017700000001", "0x7f000001", "127.1",
     "0", "::1", "::ffff:127.0.0.1", "10.0.0.1", "169.254.169.254", "192.168.0.1",
-    "LOCALHOST.", "api.localhost", "127.0.0.1.",
+    "LOCALHOST.", "api.localhost", "127.0.0.1.", "fe80::1%lo", "fe80::1%25eth0", "::1%lo",
 ])
 def test_resolve_and_check_refuses_internal_spellings(host):
     with pytest.raises(ForbiddenTarget):

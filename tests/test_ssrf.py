@@ -46,6 +46,8 @@ def vectors(port: int) -> list[str]:
         f"http://[::ffff:127.0.0.1]:{port}/secret",
         f"http://[::ffff:7f00:1]:{port}/secret",
         f"http://[0:0:0:0:0:ffff:127.0.0.1]:{port}/secret",
+        f"http://[::1%25lo]:{port}/secret",  # IPv6 zone ids (RFC 6874)
+        f"http://[fe80::1%25lo]:{port}/secret",
         f"http://user:pass@127.0.0.1:{port}/secret",
         f"http://example.com@127.0.0.1:{port}/secret",
         f"HTTP://127.0.0.1:{port}/secret",
