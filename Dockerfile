@@ -52,8 +52,8 @@ COPY requirements.txt /tmp/requirements.txt
 RUN pip install --no-cache-dir -r /tmp/requirements.txt -c "$VIRTUAL_ENV/torch-pins.txt" \
     && rm /tmp/requirements.txt
 
-# A user of its own; RUN_DIR (supervisord's pid file and socket, gunicorn's control socket,
-# the Prometheus multiprocess files) is the only place it writes.
+# A user of its own; RUN_DIR (supervisord's pid file and socket, gunicorn's control socket, the
+# model process's socket, the Prometheus multiprocess files) is the only place it writes.
 # ACCEL_CACHE_DIR holds the OpenVINO graph converted from the weights (common/accel.py); the
 # service may write it, so that a container with mounted weights converts once per container.
 ENV RUN_DIR=/tmp/instance-detector \

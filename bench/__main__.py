@@ -246,57 +246,69 @@ def latency(stack, image_urls: dict, repeats: int) -> dict:
     return result
 
 
-def throughput(stack, url: str, concurrency: list[int], duration: float, supervisord_pid: int) -> dict:
+def load(stack, url: str, protocol: str, count: int, duration: float, on_tick=None):
+    """``count`` clients calling back to back for ``duration`` s; [(start, end)] of the calls that
+    started within it, the number of errors, and the start time. ``on_tick`` runs every 0.5 s."""
     import requests
 
+    clients = Clients(stack, url)
+    done, errors = [], []
+    stop_at = [0.0]
+    barrier = threading.Barrier(count + 1)
+
+    def worker(index):
+        use_http = protocol == "http" or (protocol == "mixed" and index % 2 == 0)
+        session, stub = requests.Session(), clients.grpc_stub()
+        barrier.wait()
+        while True:
+            if protocol == "mixed" and count == 1:
+                use_http = not use_http  # one client alternates
+            started = time.monotonic()
+            if started >= stop_at[0]:
+                return
+            try:
+                clients.http_call(session) if use_http else clients.grpc_call(stub)
+                done.append((started, time.monotonic()))
+            except Exception as exc:  # noqa: BLE001 - count and go on
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    began = time.monotonic()
+    stop_at[0] = began + duration
+    barrier.wait()
+    while time.monotonic() < stop_at[0]:
+        if on_tick:
+            on_tick()
+        time.sleep(0.5)
+    for thread in threads:
+        thread.join(600)
+    return done, len(errors), began
+
+
+def throughput(stack, url: str, concurrency: list[int], duration: float, supervisord_pid: int) -> dict:
     result = {"duration": duration, "runs": {}}
-    peak = 0.0
     for protocol in ("http", "grpc", "mixed"):
         for count in concurrency:
-            clients = Clients(stack, url)
-            done, errors = [], []
-            stop_at = [0.0]
-            barrier = threading.Barrier(count + 1)
-
-            def worker(index):
-                use_http = protocol == "http" or (protocol == "mixed" and index % 2 == 0)
-                session, stub = requests.Session(), clients.grpc_stub()
-                barrier.wait()
-                while True:
-                    if protocol == "mixed" and count == 1:
-                        use_http = not use_http  # one client alternates
-                    started = time.monotonic()
-                    if started >= stop_at[0]:
-                        return
-                    try:
-                        clients.http_call(session) if use_http else clients.grpc_call(stub)
-                        done.append((started, time.monotonic()))
-                    except Exception as exc:  # noqa: BLE001 - count and go on
-                        errors.append(repr(exc))
-
-            threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(count)]
-            for thread in threads:
-                thread.start()
-            began = time.monotonic()
-            stop_at[0] = began + duration
-            barrier.wait()
-            while time.monotonic() < stop_at[0]:
-                peak = max(peak, tree_pss_mib(supervisord_pid))
-                time.sleep(0.5)
-            for thread in threads:
-                thread.join(600)
+            done, errors, began = load(stack, url, protocol, count, duration)
             # Every call started within the window counts, and the clock runs until the last one
             # ends: a few-second call cut off at the window's end would otherwise skew short runs.
             elapsed = max((end for _, end in done), default=began + duration) - began
             rate = len(done) / elapsed
             key = f"{protocol}x{count}"
             result["runs"][key] = {
-                "requests_per_s": rate, "completed": len(done), "elapsed_s": elapsed,
-                "errors": len(errors),
+                "requests_per_s": rate, "completed": len(done), "elapsed_s": elapsed, "errors": errors,
                 "p50": statistics.median(end - start for start, end in done) if done else None}
-            print(f"  {key}: {rate:.3f} req/s ({len(done)} in {elapsed:.1f} s, {len(errors)} errors)",
+            print(f"  {key}: {rate:.3f} req/s ({len(done)} in {elapsed:.1f} s, {errors} errors)",
                   flush=True)
-    result["peak_pss_mib"] = peak
+    # Peak memory in a run of its own: reading every process's smaps costs CPU, which would
+    # otherwise be taken from the runs above.
+    peak = [0.0]
+    load(stack, url, "mixed", max(concurrency), duration,
+         on_tick=lambda: peak.__setitem__(0, max(peak[0], tree_pss_mib(supervisord_pid))))
+    result["peak_pss_mib"] = peak[0]
+    print(f"  peak PSS under load (mixed x{max(concurrency)}): {peak[0]:.0f} MiB", flush=True)
     return result
 
 

@@ -133,6 +133,24 @@ def test_a_form_post_without_json_content_type_still_works(stack, image_server):
     assert response.status_code == 200 and response.json() == {"objects": [CLASS_A]}
 
 
+def test_slow_clients_do_not_starve_the_server(stack, image_server):
+    """Clients that send half a request and stall (slowloris) hold one handler thread each, not
+    the whole server: with several of them connected, /healthz and /predict still answer."""
+    import socket
+
+    stalled = []
+    try:
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", stack.http_port), timeout=10)
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"url\":")
+            stalled.append(sock)
+        assert requests.get(stack.http + "/healthz", timeout=10).status_code == 200
+        assert stack.predict_http(image_server.url("/img/jpeg"), timeout=60).json() == {"objects": [CLASS_A]}
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
 def test_service_still_answers_after_the_hostile_table(stack, image_server, grpc_predict):
     url = image_server.url("/img/jpeg")
     assert stack.predict_http(url).json() == {"objects": [CLASS_A]}
