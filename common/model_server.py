@@ -32,7 +32,7 @@ import grpc
 from PIL import Image
 
 from common.config import Settings
-from common.errors import DetectionError, NotReady
+from common.errors import DetectionError, NotReady, TooLarge
 from common.logs import configure_logging
 from common.pipeline import LocalModel
 
@@ -66,7 +66,8 @@ def unpack_image(payload: bytes) -> Image.Image:
 
 
 def _max_message_bytes(settings: Settings) -> int:
-    return HEADER.size + 3 * settings.max_image_pixels + 1024
+    """Room for the largest image MAX_IMAGE_PIXELS lets through (gRPC's limit is an int32)."""
+    return min(HEADER.size + 3 * settings.max_image_pixels + 1024, 2**31 - 1)
 
 
 # --------------------------------------------------------------------------- client side
@@ -121,6 +122,8 @@ class RemoteModel:
             code = exc.code()
             if code == grpc.StatusCode.FAILED_PRECONDITION:
                 raise NotReady(exc.details()) from None
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # only with MAX_IMAGE_PIXELS above ~700 M
+                raise TooLarge("the decoded image is too large to pass to the model") from None
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise NotReady("the model process did not answer in time (starting, restarting or "
                                "overloaded); try again shortly") from None

@@ -5,6 +5,7 @@ import signal
 import stat
 from pathlib import Path
 
+import grpc
 import pytest
 import requests
 from PIL import Image
@@ -76,9 +77,10 @@ def test_malformed_payloads_are_refused(payload):
         unpack_image(payload)
 
 
-def test_servers_report_not_ready_while_the_model_process_is_down(tmp_path, checkpoints, image_server):
-    """With the model process stopped by the operator, /readyz says so and /predict answers 503
-    within its deadline instead of hanging."""
+def test_servers_report_not_ready_while_the_model_process_is_down(tmp_path, checkpoints, image_server,
+                                                                 grpc_client):
+    """With the model process stopped by the operator, /readyz and gRPC health say so, and both
+    protocols answer not-ready within MODEL_WAIT_TIMEOUT instead of hanging."""
     path, _ = checkpoints[CLASS_A]
     stack = Stack(tmp_path, WEIGHTS_FILE=path, MODEL_WAIT_TIMEOUT="2",
                   ALLOWED_PRIVATE_TARGETS=f"127.0.0.1:{image_server.port}").start().wait_ready()
@@ -90,6 +92,11 @@ def test_servers_report_not_ready_while_the_model_process_is_down(tmp_path, chec
         response = stack.predict_http(image_server.url("/img/jpeg"), timeout=60)
         assert response.status_code == 503 and response.json()["error"]["code"] == "not_ready"
         assert "model process" in response.json()["error"]["message"]
+        stack.wait_until(lambda: stack.grpc_health() == "NOT_SERVING", 30, "gRPC health NOT_SERVING")
+        with pytest.raises(grpc.RpcError) as failure:
+            grpc_client(stack.grpc_target, image_server.url("/img/jpeg"), timeout=60)
+        assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "model process" in failure.value.details()
         stack.supervisorctl("start", "model")
         stack.wait_ready()
         assert stack.predict_http(image_server.url("/img/jpeg")).json() == {"objects": [CLASS_A]}
