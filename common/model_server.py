@@ -36,7 +36,7 @@ from common.errors import DetectionError, NotReady, TooLarge
 from common.logs import configure_logging
 from common.pipeline import LocalModel
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("common.model_server")  # also when run as __main__
 
 SERVICE = "instance_detector.internal.Model"
 DETECT = f"/{SERVICE}/Detect"
