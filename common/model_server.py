@@ -43,7 +43,9 @@ DETECT = f"/{SERVICE}/Detect"
 STATUS = f"/{SERVICE}/Status"
 HEADER = struct.Struct("<4sII")
 MAGIC = b"RGB8"
-SERVER_THREADS = 16  # calls waiting for the model: the fronts' concurrency, with room to spare
+# Threads beyond the servers' own concurrency, so that Status calls (readiness) never queue
+# behind Detect calls waiting for the model.
+STATUS_THREADS = 8
 STOP_GRACE_SECONDS = 25.0
 STATUS_TIMEOUT = 2.0
 # Beyond MODEL_WAIT_TIMEOUT, how long a call may wait in line and run; the HTTP worker timeout
@@ -157,6 +159,12 @@ class ModelServicer:
         return json.dumps({"state": state, "message": message}).encode()
 
 
+def _server_threads(settings: Settings) -> int:
+    """One thread per request the servers can have in flight at once (each waits for the model
+    here), plus STATUS_THREADS."""
+    return settings.http_workers * settings.http_threads + settings.grpc_threads + STATUS_THREADS
+
+
 def build_server(settings: Settings, model: LocalModel) -> grpc.Server:
     """A started server on the ``MODEL_SERVER`` socket."""
     path = settings.model_server
@@ -164,7 +172,7 @@ def build_server(settings: Settings, model: LocalModel) -> grpc.Server:
     if os.path.exists(path):
         os.unlink(path)  # left by a process that was killed; supervisord's pid file keeps RUN_DIR ours
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=SERVER_THREADS, thread_name_prefix="model"),
+        futures.ThreadPoolExecutor(max_workers=_server_threads(settings), thread_name_prefix="model"),
         options=[("grpc.max_receive_message_length", _max_message_bytes(settings))])
     servicer = ModelServicer(model)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
