@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import numpy as np
@@ -36,6 +37,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             raise NotAnImage("the image has no pixels")
         if width * height > max_pixels:
             raise TooLarge(f"the image is {width}x{height}, more than {max_pixels} pixels")
+        check_proportions(width, height)
         try:
             image.seek(0)  # first frame of an animation
             image.load()
@@ -44,6 +46,24 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
             raise NotAnImage(f"the image data is truncated or corrupt: {exc}") from None
     return to_rgb(_upright(image))
+
+
+# The detector rescales every image so that its short side is MODEL_SHORT_SIDE pixels, unless that
+# would make the long side exceed MODEL_LONG_SIDE (torchvision's GeneralizedRCNNTransform for
+# maskrcnn_resnet50_fpn: min_size 800, max_size 1333; tests/test_decode.py checks they match).
+MODEL_SHORT_SIDE = 800
+MODEL_LONG_SIDE = 1333
+
+
+def check_proportions(width: int, height: int) -> None:
+    """NotAnImage for an image so elongated that, once rescaled for the detector, its short side
+    would be under one pixel (e.g. 20000x10): the model cannot take it."""
+    short, long = min(width, height), max(width, height)
+    scale = min(MODEL_SHORT_SIDE / short, MODEL_LONG_SIDE / long)
+    if math.floor(short * scale) < 1:
+        raise NotAnImage(
+            f"the image is {width}x{height}: too elongated to detect in (scaled to at most "
+            f"{MODEL_LONG_SIDE} pixels on its long side, its short side would vanish)")
 
 
 def _upright(image: Image.Image) -> Image.Image:

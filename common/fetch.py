@@ -7,6 +7,7 @@ from http.cookiejar import DefaultCookiePolicy
 from urllib.parse import urljoin, urlsplit
 
 import requests
+import urllib3
 from urllib3.exceptions import ReadTimeoutError
 
 from common.config import Settings
@@ -108,25 +109,35 @@ class ImageFetcher:
             raise UpstreamFailed(f"the image request failed: {_short(exc)}") from None
 
     def _read_body(self, response: requests.Response, deadline: float) -> bytes:
+        """The body, capped in bytes and time. Each read returns what one receive brings
+        (``read1``) and waits at most until the overall deadline, so a host that trickles bytes
+        cannot stretch the download past FETCH_TOTAL_TIMEOUT."""
         cap = self.settings.fetch_max_bytes
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > cap:
             raise TooLarge(f"the image is larger than the {cap}-byte download limit")
+        raw = response.raw
         body = bytearray()
         try:
-            for chunk in response.iter_content(chunk_size=_CHUNK_BYTES):
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise UpstreamTimeout("the image download exceeded its overall deadline")
+                sock = getattr(raw.connection, "sock", None)
+                if sock is not None:
+                    sock.settimeout(min(self.settings.fetch_read_timeout, remaining))
+                chunk = raw.read1(_CHUNK_BYTES, decode_content=True)
+                if not chunk:
+                    return bytes(body)
                 body += chunk
                 if len(body) > cap:
                     raise TooLarge(f"the image is larger than the {cap}-byte download limit")
-                if time.monotonic() > deadline:
-                    raise UpstreamTimeout("the image download exceeded its overall deadline")
-        except requests.exceptions.ConnectionError as exc:
-            if exc.args and isinstance(exc.args[0], ReadTimeoutError):
-                raise UpstreamTimeout("the image host stopped sending data") from None
+        except ReadTimeoutError:
+            if time.monotonic() >= deadline:
+                raise UpstreamTimeout("the image download exceeded its overall deadline") from None
+            raise UpstreamTimeout("the image host stopped sending data") from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise UpstreamFailed(f"the image download broke off: {_short(exc)}") from None
-        except requests.RequestException as exc:
-            raise UpstreamFailed(f"the image download broke off: {_short(exc)}") from None
-        return bytes(body)
 
 
 def _short(exc: Exception) -> str:

@@ -10,6 +10,7 @@ import time
 from concurrent import futures
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -37,6 +38,18 @@ GRPC_STATUS = {
 }
 
 
+# What _parse_input gives for bytes that are not a message (gRPC itself treats None as a failure).
+UNPARSABLE = object()
+
+
+def _parse_input(data: bytes):
+    """The request message, or UNPARSABLE when the bytes are not one (e.g. a url that is not UTF-8)."""
+    try:
+        return inference_pb2.InstanceDetectorInput.FromString(data)
+    except DecodeError:
+        return UNPARSABLE
+
+
 class InstanceDetectorServicer(inference_pb2_grpc.InstanceDetectorServicer):
     def __init__(self, service: DetectionService, inference_count):
         self.service = service
@@ -44,6 +57,9 @@ class InstanceDetectorServicer(inference_pb2_grpc.InstanceDetectorServicer):
 
     def Predict(self, request, context):
         self.inference_count.inc()
+        if request is UNPARSABLE:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "invalid_request: the message is not a valid inference.InstanceDetectorInput")
         try:
             objects = self.service.predict(request.url)
         except errors.DetectionError as exc:
@@ -65,8 +81,14 @@ def build_server(settings: Settings, service: DetectionService):
             ("grpc.so_reuseport", 0),
         ],
     )
-    inference_pb2_grpc.add_InstanceDetectorServicer_to_server(
-        InstanceDetectorServicer(service, metrics.inference_counter("grpc")), server)
+    servicer = InstanceDetectorServicer(service, metrics.inference_counter("grpc"))
+    # Registered by hand rather than with the generated add_..._to_server, so that a message that
+    # does not parse reaches Predict (INVALID_ARGUMENT) instead of failing inside gRPC (INTERNAL).
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
+        "Predict": grpc.unary_unary_rpc_method_handler(
+            servicer.Predict, request_deserializer=_parse_input,
+            response_serializer=inference_pb2.InstanceDetectorOutput.SerializeToString),
+    }),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -36,12 +36,11 @@ def _error_response(status: int, code: str, message: str) -> tuple[Response, int
     return jsonify({"error": {"code": code, "message": message}}), status
 
 
-def _json_body():
+def _json_body(limit: int):
     """The request body parsed as JSON whatever its Content-Type (curl -d sends form encoding);
-    None when it is not JSON. Reading it enforces MAX_CONTENT_LENGTH, chunked bodies included."""
-    raw = request.get_data(cache=False)
-    if request.max_content_length is not None and len(raw) >= request.max_content_length:
-        # werkzeug stops a chunked body at the limit without raising; the rest was not read
+    None when it is not JSON. Bodies over ``limit`` bytes are refused, chunked ones included."""
+    raw = request.get_data(cache=False)  # werkzeug reads at most MAX_CONTENT_LENGTH = limit + 1
+    if len(raw) > limit:
         raise RequestEntityTooLarge()
     try:
         return json.loads(raw)
@@ -61,14 +60,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     service = DetectionService(settings).start_loading()
 
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    # one byte more than allowed: a chunked body werkzeug cuts at its limit still shows as too long
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes + 1
     app.json.sort_keys = False
     app.extensions["detection_service"] = service
 
     @app.post("/predict")
     def predict():
         inference_count.inc()
-        body = _json_body()
+        body = _json_body(settings.max_request_bytes)
         if not isinstance(body, dict):
             raise errors.InvalidRequest('the body must be a JSON object like {"url": "https://..."}')
         if "url" not in body:

@@ -7,6 +7,7 @@ import pytest
 import requests
 from PIL import Image
 
+from common.config import Settings
 from tests.conftest import CLASS_A
 from tests.helpers import encode, scene
 
@@ -16,6 +17,7 @@ JPEG = encode(scene(320, 240), "JPEG")
 
 @pytest.fixture(scope="module", autouse=True)
 def hostile_routes(image_server):
+    image_server.add("/too-wide.png", encode(Image.new("RGB", (20000, 10)), "PNG"), "image/png")
     image_server.add("/html", b"<!doctype html><html><body>not an image</body></html>", "text/html")
     image_server.add("/truncated.jpg", JPEG[: len(JPEG) // 2])
     image_server.add("/empty.jpg", b"")
@@ -75,6 +77,7 @@ CASES = [
     ("redirect-to-ftp", lambda s, p: _url(s, "/redirect?to=ftp://example.com/a.jpg"), 502,
      "upstream_failed", "FAILED_PRECONDITION"),
     ("html-page", lambda s, p: _url(s, "/html"), 422, "not_an_image", "INVALID_ARGUMENT"),
+    ("too-elongated", lambda s, p: _url(s, "/too-wide.png"), 422, "not_an_image", "INVALID_ARGUMENT"),
     ("random-bytes", lambda s, p: _url(s, "/noise.bin"), 422, "not_an_image", "INVALID_ARGUMENT"),
     ("empty-image", lambda s, p: _url(s, "/empty.jpg"), 422, "not_an_image", "INVALID_ARGUMENT"),
     ("truncated-jpeg", lambda s, p: _url(s, "/truncated.jpg"), 422, "not_an_image", "INVALID_ARGUMENT"),
@@ -116,6 +119,17 @@ def test_grpc_bad_input(grpc_predict, image_server, closed_port, case):
     assert failure.value.details().startswith(code + ":")
 
 
+@pytest.mark.parametrize("message", [b"\x0a\x02\xff\xfe", b"\xff\xff\xff\xff", b"\x0a\x10http://"],
+                         ids=["url-not-utf8", "garbage", "truncated"])
+def test_grpc_messages_that_do_not_parse_are_invalid_arguments(stack, message):
+    with grpc.insecure_channel(stack.grpc_target) as channel:
+        raw_predict = channel.unary_unary("/inference.InstanceDetector/Predict")
+        with pytest.raises(grpc.RpcError) as failure:
+            raw_predict(message, timeout=30)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert failure.value.details().startswith("invalid_request:")
+
+
 def test_an_oversize_chunked_body_is_refused(stack):
     """No Content-Length to check up front: the cap applies while the body is read."""
     def chunks():
@@ -124,6 +138,22 @@ def test_an_oversize_chunked_body_is_refused(stack):
     response = requests.post(stack.http + "/predict", data=chunks(), timeout=30,
                              headers={"Content-Type": "application/json"})
     assert response.status_code == 413 and response.json()["error"]["code"] == "too_large"
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_max_request_bytes_is_the_largest_body_accepted(stack, image_server, chunked):
+    limit = Settings().max_request_bytes  # the stack runs with the default
+    body = json.dumps({"url": image_server.url("/img/jpeg")}).encode()
+
+    def post(size):
+        padded = body + b" " * (size - len(body))
+        data = iter([padded[:1000], padded[1000:]]) if chunked else padded
+        return requests.post(stack.http + "/predict", data=data, timeout=60,
+                             headers={"Content-Type": "application/json"})
+
+    assert post(limit).json() == {"objects": [CLASS_A]}
+    too_long = post(limit + 1)
+    assert too_long.status_code == 413 and too_long.json()["error"]["code"] == "too_large"
 
 
 def test_a_form_post_without_json_content_type_still_works(stack, image_server):

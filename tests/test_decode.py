@@ -77,3 +77,23 @@ def test_pixel_cap_is_configurable():
     with pytest.raises(TooLarge):
         decode_image(encode(scene(320, 240), "PNG"), 320 * 240 - 1)
     assert decode_image(encode(scene(320, 240), "PNG"), 320 * 240).size == (320, 240)
+
+
+@pytest.mark.parametrize("size", [(20000, 10), (10, 20000), (2000, 1), (1, 3000), (5000, 2)])
+def test_images_too_elongated_for_the_detector_are_refused(size):
+    with pytest.raises(NotAnImage, match="too elongated"):
+        decode_image(encode(Image.new("RGB", size, (90, 120, 30)), "PNG"), LIMIT)
+
+
+@pytest.mark.parametrize("size", [(1333, 1), (2666, 2), (1, 1), (800, 1)])
+def test_thin_images_the_detector_can_take_are_accepted(size):
+    assert decode_image(encode(Image.new("RGB", size, (90, 120, 30)), "PNG"), LIMIT).size == size
+
+
+def test_the_proportion_limit_is_the_detectors_own():
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    from common.decode import MODEL_LONG_SIDE, MODEL_SHORT_SIDE
+
+    transform = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).transform
+    assert tuple(transform.min_size) == (MODEL_SHORT_SIDE,) and transform.max_size == MODEL_LONG_SIDE

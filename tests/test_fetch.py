@@ -2,11 +2,12 @@
 
 import dataclasses
 import gzip
+import time
 
 import pytest
 
 from common.config import Settings
-from common.errors import TooLarge
+from common.errors import TooLarge, UpstreamTimeout
 from common.fetch import ImageFetcher
 from tests.helpers import ImageServer
 
@@ -49,3 +50,13 @@ def test_environment_proxies_are_ignored(server, monkeypatch):
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9/")
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9/")
     assert fetcher_for(server).fetch(server.add("/direct", b"direct")) == b"direct"
+
+
+def test_a_trickling_host_cannot_outlast_the_overall_deadline(server):
+    """One byte every 0.3 s never trips the read timeout, but the whole download still stops at
+    FETCH_TOTAL_TIMEOUT."""
+    fetcher = fetcher_for(server, fetch_total_timeout=2.0, fetch_read_timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(UpstreamTimeout, match="overall deadline"):
+        fetcher.fetch(server.url("/drip?every=0.3&max=30"))
+    assert time.monotonic() - started < 3.5
