@@ -71,8 +71,8 @@ class Settings:
     http_port: int = 8080
     grpc_port: int = 9090
     http_workers: int = 2
-    http_threads: int = 4
-    grpc_threads: int = 4
+    http_threads: int = 16
+    grpc_threads: int = 16
     max_request_bytes: int = 64 * 1024
     run_dir: str = "/tmp/instance-detector"
     metrics_dir: str = "/tmp/instance-detector/metrics"

@@ -1,6 +1,8 @@
 """Hostile and broken inputs: each gets its documented error, and the service keeps serving."""
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -179,6 +181,32 @@ def test_slow_clients_do_not_starve_the_server(stack, image_server):
     finally:
         for sock in stalled:
             sock.close()
+
+
+def test_health_checks_answer_while_many_requests_wait(stack, image_server, grpc_predict):
+    """Requests waiting on a slow image host (or for the model) hold handler threads; liveness,
+    readiness and gRPC health must still answer at once, or an orchestrator restarts a healthy
+    service under load."""
+    url = image_server.url("/drip?every=0.3&max=10")  # held until FETCH_TOTAL_TIMEOUT (4 s)
+
+    def grpc_call():
+        try:
+            grpc_predict(url, timeout=30)
+        except grpc.RpcError as exc:
+            return exc.code()
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        calls = [pool.submit(stack.predict_http, url, 30) for _ in range(12)]
+        calls += [pool.submit(grpc_call) for _ in range(6)]
+        time.sleep(1.0)  # all of them are connected and waiting on the image host by now
+        assert requests.get(stack.http + "/healthz", timeout=3).status_code == 200
+        assert requests.get(stack.http + "/readyz", timeout=3).status_code == 200
+        assert stack.grpc_health() == "SERVING"
+        assert not any(call.done() for call in calls), \
+            "the health checks were only answered once the slow requests had ended (no free thread)"
+        results = [call.result() for call in calls]
+    assert all(r.status_code == 504 for r in results[:12]), [r.text for r in results[:12]]
+    assert all(code == grpc.StatusCode.DEADLINE_EXCEEDED for code in results[12:])
 
 
 def test_service_still_answers_after_the_hostile_table(stack, image_server, grpc_predict):
