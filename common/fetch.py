@@ -7,7 +7,7 @@ from http.cookiejar import DefaultCookiePolicy
 from urllib.parse import urljoin, urlsplit
 
 import requests
-import urllib3
+from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ReadTimeoutError
 
 from common.config import Settings
@@ -136,7 +136,7 @@ class ImageFetcher:
             if time.monotonic() >= deadline:
                 raise UpstreamTimeout("the image download exceeded its overall deadline") from None
             raise UpstreamTimeout("the image host stopped sending data") from None
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
+        except (Urllib3Error, OSError) as exc:
             raise UpstreamFailed(f"the image download broke off: {_short(exc)}") from None
 
 

@@ -25,7 +25,6 @@ import os
 import signal
 import struct
 import threading
-import time
 from concurrent import futures
 
 import grpc
@@ -96,14 +95,6 @@ class RemoteModel:
             return reply["state"], reply["message"]
         except grpc.RpcError:
             return "loading", "the model process is not answering yet (starting or restarting)"
-
-    def wait_until_loaded(self, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            state, _ = self.status()
-            if state != "loading" or (deadline is not None and time.monotonic() >= deadline):
-                return state == "ready"
-            time.sleep(0.5)
 
     def check_usable(self) -> None:
         """NotReady at once if the model failed to load (still loading: ``detect`` waits)."""

@@ -3,7 +3,7 @@
 The model behind it is either loaded in this process (``LocalModel``) or, under supervisord,
 the stack's one model process reached over a Unix socket (``common.model_server.RemoteModel``,
 chosen by ``MODEL_SERVER``). Both offer the same small interface: ``start``, ``status``,
-``wait_until_loaded``, ``check_usable`` and ``detect``.
+``check_usable`` and ``detect``.
 """
 
 from __future__ import annotations
@@ -87,17 +87,15 @@ class LocalModel:
 class DetectionService:
     """URL -> validate -> SSRF-guarded fetch -> decode -> detect -> COCO names."""
 
-    def __init__(self, settings: Settings, model=None):
+    def __init__(self, settings: Settings):
         self.settings = settings
         self.fetcher = ImageFetcher(settings)
-        if model is None:
-            if settings.model_server:
-                from common.model_server import RemoteModel
+        if settings.model_server:
+            from common.model_server import RemoteModel
 
-                model = RemoteModel(settings)
-            else:
-                model = LocalModel(settings)
-        self.model = model
+            self.model = RemoteModel(settings)
+        else:
+            self.model = LocalModel(settings)
 
     def start_loading(self) -> "DetectionService":
         self.model.start()
@@ -106,9 +104,6 @@ class DetectionService:
     def status(self) -> tuple[str, str]:
         """(state, message): state is 'ready', 'loading' or 'failed'."""
         return self.model.status()
-
-    def wait_until_loaded(self, timeout: float | None = None) -> bool:
-        return self.model.wait_until_loaded(timeout)
 
     def predict(self, url) -> list[str]:
         url = validate_url(url, self.settings.max_url_length)
