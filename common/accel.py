@@ -6,25 +6,31 @@
 - ``exact`` (default): the same computation, split in two:
     * backbone + FPN + RPN head (about 80 % of the time) run as one OpenVINO graph, fp32
       (``INFERENCE_PRECISION_HINT=f32`` set explicitly: OpenVINO's CPU default is bf16 where the
-      CPU has it), dynamic input height/width;
+      CPU has it), dynamic input height/width; in it, the 3x3 convolutions of the FPN and the RPN
+      head on the two largest levels (P2, P3: a third of the graph's arithmetic) are computed with
+      Winograd's F(4x4, 3x3), 2.25x fewer multiplications (``common/winograd.py``);
     * everything else stays torchvision's own code, called piece by piece exactly as
       ``GeneralizedRCNN.forward`` calls it (transform, anchors, proposal decoding and NMS, box
       head, post-processing), except that the box RoIAlign over the 1000 proposals, which
-      torchvision runs single-threaded, is split into ``ROI_ALIGN_THREADS`` chunks run in
-      parallel (each box is pooled independently: the result is bit-identical);
+      torchvision runs single-threaded over all channels at once, is run in blocks of
+      ``ROI_ALIGN_CHANNEL_BLOCK`` channels spread over ``ROI_ALIGN_THREADS`` threads (each value
+      is one box's one channel, computed by torchvision's kernel: the result is bit-identical);
     * the mask branch is skipped: the service answers category names only, and masks never change
       labels, scores or boxes.
-  Labels are equal to eager's and scores/boxes agree to float rounding (tests/test_detect_modes.py).
-- ``fast``: as ``exact`` but the OpenVINO graph runs in bf16 where the CPU supports it (AVX-512
-  BF16 or AMX); answers deviate (the benchmark measures how much). On a CPU without bf16 it logs
+  Labels are equal to eager's and scores/boxes agree to float rounding (tests/test_detect_modes.py,
+  at a low threshold: up to 100 boxes per image compared).
+- ``fast``: as ``exact`` but the OpenVINO graph (with direct convolutions) runs in bf16 where the
+  CPU supports it (AVX-512 BF16 or AMX); answers deviate (the benchmark measures how much). On a CPU without bf16 it logs
   that and runs ``exact``.
 
-The converted graph is cached on disk (``ACCEL_CACHE_DIR``), keyed by the sha256 of the weights
-and the versions of torch, torchvision and OpenVINO, so it is converted once, not at every start.
+The converted graph is cached on disk (``ACCEL_CACHE_DIR``), keyed by the sha256 of the weights,
+the versions of torch, torchvision and OpenVINO and the Winograd levels, so it is converted once,
+not at every start.
 """
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import logging
@@ -40,14 +46,27 @@ import torch
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops.poolers import _multiscale_roi_align, _setup_scales
 
+from common.winograd import WinogradConv3x3
+
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "1"  # bump when the converted graph's inputs/outputs change
+CACHE_FORMAT = "2"  # bump when what the converted graph computes, or its inputs/outputs, change
 CACHE_KEEP = 4  # conversions kept in the cache directory (each about the size of the weights)
 FEATURE_NAMES = ("0", "1", "2", "3", "pool")
 # Conversion example: a typical resized 640x480 photo (800x1067 padded to 32); the graph keeps
 # height and width dynamic.
 EXAMPLE_SHAPE = (1, 3, 800, 1088)
+# FPN levels whose 3x3 convolutions run as Winograd F(4x4, 3x3) in the exact path: P2 and P3, where
+# they are large enough for the saved multiplications to outweigh the transforms (measured: the graph
+# 1.52 s -> 1.21 s at 800x1088; P4 and the backbone's own 3x3 convolutions gained nothing). Needs
+# inputs padded to a multiple of 32 (torchvision's transform does it), so those levels hold whole
+# 4x4 tiles.
+WINOGRAD_LEVELS = (0, 1)
+# In bf16 the transforms' large coefficients cost accuracy and the graph was no faster (measured 1.08
+# vs 1.09 s at 640x480): the fast path keeps direct convolutions.
+FAST_WINOGRAD_LEVELS = ()
+SIZE_DIVISIBLE = 32
+ROI_ALIGN_CHANNEL_BLOCK = 32  # channels per RoIAlign call (see AcceleratedMaskRCNN._box_roi_align)
 
 
 class AccelUnavailable(RuntimeError):
@@ -78,13 +97,58 @@ def bf16_supported(core) -> bool:
         return False
 
 
-class _BackboneRPNHead(torch.nn.Module):
-    """backbone + FPN + RPN head as one traceable module: image batch -> 5 features, 5 + 5 maps."""
+def _single_conv(block: torch.nn.Module) -> torch.nn.Conv2d:
+    """The one convolution of a torchvision conv block (a Conv2d, or Conv2dNormActivation without
+    a norm, possibly inside a Sequential, possibly followed by a ReLU)."""
+    convs = [m for m in block.modules() if isinstance(m, torch.nn.Conv2d)]
+    others = [m for m in block.modules() if not isinstance(m, (torch.nn.Conv2d, torch.nn.Sequential,
+                                                               torch.nn.ReLU))]
+    if len(convs) != 1 or others:
+        raise AccelUnavailable(f"unexpected block layout in torchvision's model: {block}")
+    return convs[0]
 
-    def __init__(self, model):
+
+class _RPNHeadPerLevel(torch.nn.Module):
+    """torchvision's ``RPNHead`` with its 3x3 convolution run by Winograd on some levels."""
+
+    def __init__(self, head, winograd_levels):
         super().__init__()
-        self.backbone = model.backbone
+        self.head = head
+        conv = _single_conv(head.conv)
+        self.has_relu = any(isinstance(m, torch.nn.ReLU) for m in head.conv.modules())
+        self.winograd = WinogradConv3x3.from_conv(conv, whole_tiles=True)
+        self.winograd_levels = frozenset(winograd_levels)
+
+    def forward(self, features):
+        logits, deltas = [], []
+        for level, feature in enumerate(features):
+            if level in self.winograd_levels:
+                hidden = self.winograd(feature)
+                hidden = torch.relu(hidden) if self.has_relu else hidden
+            else:
+                hidden = self.head.conv(feature)
+            logits.append(self.head.cls_logits(hidden))
+            deltas.append(self.head.bbox_pred(hidden))
+        return logits, deltas
+
+
+class _BackboneRPNHead(torch.nn.Module):
+    """backbone + FPN + RPN head as one traceable module: image batch -> 5 features, 5 + 5 maps.
+
+    ``winograd_levels``: FPN levels (0 = P2, stride 4) whose 3x3 convolutions (the FPN's output
+    convolution and the RPN head's) are computed by Winograd F(4x4, 3x3) instead of directly. Works
+    on copies: the model given is not changed."""
+
+    def __init__(self, model, winograd_levels=()):
+        super().__init__()
+        self.backbone = copy.deepcopy(model.backbone) if winograd_levels else model.backbone
         self.head = model.rpn.head
+        if winograd_levels:
+            layer_blocks = self.backbone.fpn.layer_blocks
+            for level in winograd_levels:
+                conv = _single_conv(layer_blocks[level])
+                layer_blocks[level] = WinogradConv3x3.from_conv(conv, whole_tiles=True)
+            self.head = _RPNHeadPerLevel(copy.deepcopy(model.rpn.head), winograd_levels)
 
     def forward(self, images):
         features = list(self.backbone(images).values())
@@ -101,14 +165,20 @@ def _ov():
     return openvino
 
 
-def converted_graph_path(model, weights_sha256: str, cache_dir: str) -> Path:
-    """The OpenVINO IR (.xml + .bin) of backbone+FPN+RPN head, converted once and cached."""
+def graph_cache_key(weights_sha256: str, winograd_levels=()) -> str:
+    """Names a converted graph: what it computes and with which versions of the tools."""
     import torchvision
 
-    ov = _ov()
-    key = hashlib.sha256("|".join((
-        CACHE_FORMAT, weights_sha256, torch.__version__, torchvision.__version__, ov.__version__,
+    return hashlib.sha256("|".join((
+        CACHE_FORMAT, weights_sha256, torch.__version__, torchvision.__version__, _ov().__version__,
+        "winograd=" + ",".join(map(str, winograd_levels)),
     )).encode()).hexdigest()[:24]
+
+
+def converted_graph_path(model, weights_sha256: str, cache_dir: str, winograd_levels=()) -> Path:
+    """The OpenVINO IR (.xml + .bin) of backbone+FPN+RPN head, converted once and cached."""
+
+    key = graph_cache_key(weights_sha256, winograd_levels)
     directory = Path(cache_dir)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -128,7 +198,7 @@ def converted_graph_path(model, weights_sha256: str, cache_dir: str) -> Path:
     with open(directory / ".convert.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (xml.exists() and xml.with_suffix(".bin").exists()):
-            _convert(model, xml)
+            _convert(model, xml, winograd_levels)
             _prune(directory, keep=CACHE_KEEP, current=xml)
     return xml
 
@@ -143,11 +213,11 @@ def _prune(directory: Path, keep: int, current: Path) -> None:
                 path.unlink(missing_ok=True)
 
 
-def _convert(model, xml: Path) -> None:
+def _convert(model, xml: Path, winograd_levels=()) -> None:
     ov = _ov()
     directory = xml.parent
     log.info("converting backbone+FPN+RPN head to OpenVINO (once per weights; cached in %s)", directory)
-    wrapper = _BackboneRPNHead(model).eval()
+    wrapper = _BackboneRPNHead(model, winograd_levels).eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation notice
         converted = ov.convert_model(wrapper, example_input=torch.zeros(EXAMPLE_SHAPE),
@@ -165,13 +235,17 @@ class AcceleratedMaskRCNN:
     """Callable like the torchvision model in eval mode (``model([tensor]) -> [dict]``), no masks."""
 
     def __init__(self, model, weights_sha256: str, *, precision: str = "f32", cache_dir: str = "",
-                 threads: int = 0, roi_align_threads: int = 2):
+                 threads: int = 0, roi_align_threads: int = 2, winograd_levels=()):
         ov = _ov()
         self.model = model
         self.precision = precision
+        if winograd_levels and model.transform.size_divisible % SIZE_DIVISIBLE:
+            raise AccelUnavailable(f"Winograd levels need images padded to a multiple of {SIZE_DIVISIBLE}, "
+                                   f"the model pads to {model.transform.size_divisible}")
         core = ov.Core()
         threads = threads or torch.get_num_threads()
-        xml = converted_graph_path(model, weights_sha256, cache_dir or default_cache_dir())
+        xml = converted_graph_path(model, weights_sha256, cache_dir or default_cache_dir(),
+                                   winograd_levels)
         config = {
             "INFERENCE_PRECISION_HINT": precision,
             "INFERENCE_NUM_THREADS": threads,
@@ -198,25 +272,35 @@ class AcceleratedMaskRCNN:
         return features, outputs[5:10], outputs[10:15]
 
     def _box_roi_align(self, features, proposals, image_shapes):
+        """torchvision's ``MultiScaleRoIAlign`` for the box head, in channel blocks spread over
+        threads. Every output value is computed exactly as torchvision does (each is one channel of
+        one box): only the order of the work changes. Blocks of ``ROI_ALIGN_CHANNEL_BLOCK``
+        channels keep the feature planes the 1000 boxes read from in cache (measured 1.6-2x faster
+        than all channels at once); torchvision's CPU kernel is single-threaded and releases the
+        GIL, so blocks pooled on two threads use both cores."""
         pool = self.model.roi_heads.box_roi_pool
         x = [features[name] for name in pool.featmap_names]
         if pool.scales is None or pool.map_levels is None:
             pool.scales, pool.map_levels = _setup_scales(x, image_shapes, pool.canonical_scale,
                                                          pool.canonical_level)
 
-        def run(boxes):
+        def run(blocks):
             with torch.inference_mode():
-                return _multiscale_roi_align(x, [boxes], pool.output_size, pool.sampling_ratio,
-                                             pool.scales, pool.map_levels)
+                return [_multiscale_roi_align([level[:, start:stop] for level in x], proposals,
+                                              pool.output_size, pool.sampling_ratio, pool.scales,
+                                              pool.map_levels)
+                        for start, stop in blocks]
 
-        boxes = proposals[0]
-        if self._pool is None or len(proposals) != 1 or boxes.shape[0] < 2 * self.roi_align_threads:
-            return _multiscale_roi_align(x, proposals, pool.output_size, pool.sampling_ratio,
-                                         pool.scales, pool.map_levels)
-        chunks = boxes.tensor_split(self.roi_align_threads)
-        futures = [self._pool.submit(run, chunk) for chunk in chunks[1:]]
-        first = run(chunks[0])
-        return torch.cat([first] + [future.result() for future in futures])
+        channels = x[0].shape[1]
+        blocks = [(start, min(start + ROI_ALIGN_CHANNEL_BLOCK, channels))
+                  for start in range(0, channels, ROI_ALIGN_CHANNEL_BLOCK)]
+        count = min(self.roi_align_threads if self._pool else 1, len(blocks))
+        groups = [blocks[i * len(blocks) // count:(i + 1) * len(blocks) // count] for i in range(count)]
+        futures = [self._pool.submit(run, group) for group in groups[1:]]
+        outputs = run(groups[0])
+        for future in futures:
+            outputs += future.result()
+        return torch.cat(outputs, dim=1)
 
     # -- forward -----------------------------------------------------------------------
 
@@ -255,15 +339,17 @@ def build(model, weights_sha256: str, mode: str, *, cache_dir: str = "", threads
     """(callable model, effective mode) for ``mode`` in exact/fast; fast falls back to exact."""
     precision = "f32"
     effective = "exact"
+    winograd_levels = WINOGRAD_LEVELS
     if mode == "fast":
         core = _ov().Core()
         if bf16_supported(core):
-            precision, effective = "bf16", "fast"
+            precision, effective, winograd_levels = "bf16", "fast", FAST_WINOGRAD_LEVELS
         else:
             log.warning("DETECT_MODE=fast: this CPU has no bf16 support (AVX-512 BF16 or AMX); "
                         "running the exact fp32 path instead")
     accelerated = AcceleratedMaskRCNN(model, weights_sha256, precision=precision, cache_dir=cache_dir,
-                                      threads=threads, roi_align_threads=roi_align_threads)
+                                      threads=threads, roi_align_threads=roi_align_threads,
+                                      winograd_levels=winograd_levels)
     return accelerated, effective
 
 

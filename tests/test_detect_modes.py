@@ -139,3 +139,23 @@ def test_state_dict_digest_depends_on_values():
     b = {"w": torch.zeros(3), "b": torch.tensor([1.0, 2.0])}
     assert accel.state_dict_sha256(a) == accel.state_dict_sha256(dict(reversed(list(a.items()))))
     assert accel.state_dict_sha256(a) != accel.state_dict_sha256(b)
+
+
+def test_box_roi_align_in_channel_blocks_is_torchvision_bit_for_bit(default):
+    """The exact path pools in channel blocks over threads; every value must be torchvision's."""
+    accelerated = default.model
+    pool = accelerated.model.roi_heads.box_roi_pool
+    torch.manual_seed(11)
+    height, width = 800, 1088
+    features = {name: torch.randn(1, 256, height // stride, width // stride)
+                for name, stride in (("0", 4), ("1", 8), ("2", 16), ("3", 32))}
+    corners = torch.rand(1000, 2) * torch.tensor([width - 20.0, height - 20.0])
+    sizes = torch.rand(1000, 2) * 400 + 4  # from a few pixels (P2) to hundreds (P5)
+    boxes = torch.cat([corners, (corners + sizes).minimum(torch.tensor([width, height]))], dim=1)
+    image_shapes = [(height, width)]
+    pool.scales = pool.map_levels = None  # set up afresh for these feature shapes
+    with torch.inference_mode():
+        got = accelerated._box_roi_align(features, [boxes], image_shapes)
+        want = pool(features, [boxes], image_shapes)
+    assert got.shape == want.shape == (1000, 256, 7, 7)
+    assert torch.equal(got, want)
