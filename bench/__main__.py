@@ -93,27 +93,6 @@ def raw_outputs(detector, image):
     return [COCO_CATEGORIES.index(n) for n in names], None, None
 
 
-def dice(a, b) -> float:
-    if not a and not b:
-        return 1.0
-    from collections import Counter
-
-    matches = sum((Counter(a) & Counter(b)).values())
-    return 2 * matches / (len(a) + len(b))
-
-
-def deviation(ref, got) -> dict:
-    ref_labels, ref_scores, ref_boxes = ref
-    labels, scores, boxes = got
-    result = {"dice": dice(ref_labels, labels), "labels_equal": ref_labels == labels,
-              "kept_ref": len(ref_labels), "kept": len(labels)}
-    if scores is not None and ref_labels == labels:
-        result["max_score_dev"] = max((abs(a - b) for a, b in zip(ref_scores, scores)), default=0.0)
-        result["max_box_dev_px"] = max(
-            (abs(x - y) for a, b in zip(ref_boxes, boxes) for x, y in zip(a, b)), default=0.0)
-    return result
-
-
 def timed(fn, repeats: int) -> tuple[float, list]:
     times, out = [], None
     for _ in range(repeats):
@@ -132,6 +111,7 @@ def in_process(weights: Path, images, repeats: int, modes: list[str]) -> dict:
     from torchvision.models.detection import maskrcnn_resnet50_fpn
     from torchvision.transforms.functional import pil_to_tensor
 
+    from bench.compare import compare
     from common.detector import COCO_CATEGORIES, Detector
 
     result = {"threads": torch.get_num_threads(), "reference": {}, "modes": {}}
@@ -173,7 +153,7 @@ def in_process(weights: Path, images, repeats: int, modes: list[str]) -> dict:
             median = statistics.median(times[mode])
             entry = result["modes"][mode]["images"][name] = {
                 "seconds": median, "all": times[mode], "ratio": median / ref_seconds,
-                **deviation(ref, answers[mode])}
+                **compare(ref, answers[mode])}
             print(f"  mode {mode} {name}: {median:.3f} s ({median / ref_seconds:.2f}x)  "
                   f"{ {k: v for k, v in entry.items() if k != 'all'} }", flush=True)
     ref_total = sum(result["reference"][n]["seconds"] for n, _ in images)

@@ -46,7 +46,7 @@ import torch
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops.poolers import _multiscale_roi_align, _setup_scales
 
-from common.winograd import WinogradConv3x3
+from common.winograd import WinogradConv3x3, is_winograd_compatible
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +56,17 @@ FEATURE_NAMES = ("0", "1", "2", "3", "pool")
 # Conversion example: a typical resized 640x480 photo (800x1067 padded to 32); the graph keeps
 # height and width dynamic.
 EXAMPLE_SHAPE = (1, 3, 800, 1088)
-# FPN levels whose 3x3 convolutions run as Winograd F(4x4, 3x3) in the exact path: P2 and P3, where
-# they are large enough for the saved multiplications to outweigh the transforms (measured: the graph
-# 1.52 s -> 1.21 s at 800x1088; P4 and the backbone's own 3x3 convolutions gained nothing). Needs
-# inputs padded to a multiple of 32 (torchvision's transform does it), so those levels hold whole
-# 4x4 tiles.
-WINOGRAD_LEVELS = (0, 1)
+# Where the exact path computes 3x3 convolutions with Winograd F(4x4, 3x3): the FPN's output
+# convolution and the RPN head's on levels P2 and P3, and the bottlenecks of ResNet stage layer3
+# (batch norm folded in), where the saved multiplications outweigh the transforms. Measured, graph
+# at 800x1088: 1.52 s direct; P2+P3 1.20 s; + layer3 1.18 s; P4, layer1, layer2 or layer4 gained
+# nothing or lost. P2 and P3 hold whole 4x4 tiles because torchvision pads images to a multiple
+# of 32 (checked).
+WINOGRAD = ("P2", "P3", "layer3")
+FPN_LEVELS = ("P2", "P3", "P4", "P5")  # the FPN's layer_blocks, in order (P6 is a max-pool)
 # In bf16 the transforms' large coefficients cost accuracy and the graph was no faster (measured 1.08
 # vs 1.09 s at 640x480): the fast path keeps direct convolutions.
-FAST_WINOGRAD_LEVELS = ()
+FAST_WINOGRAD = ()
 SIZE_DIVISIBLE = 32
 ROI_ALIGN_CHANNEL_BLOCK = 32  # channels per RoIAlign call (see AcceleratedMaskRCNN._box_roi_align)
 
@@ -135,20 +137,29 @@ class _RPNHeadPerLevel(torch.nn.Module):
 class _BackboneRPNHead(torch.nn.Module):
     """backbone + FPN + RPN head as one traceable module: image batch -> 5 features, 5 + 5 maps.
 
-    ``winograd_levels``: FPN levels (0 = P2, stride 4) whose 3x3 convolutions (the FPN's output
-    convolution and the RPN head's) are computed by Winograd F(4x4, 3x3) instead of directly. Works
-    on copies: the model given is not changed."""
+    ``winograd``: where 3x3 convolutions are computed by Winograd F(4x4, 3x3) instead of directly:
+    FPN levels (``"P2"``: the FPN's output convolution and the RPN head's on that level) and ResNet
+    stages (``"layer3"``: each bottleneck's stride-1 3x3 convolution with its batch norm). Works on
+    copies: the model given is not changed."""
 
-    def __init__(self, model, winograd_levels=()):
+    def __init__(self, model, winograd=()):
         super().__init__()
-        self.backbone = copy.deepcopy(model.backbone) if winograd_levels else model.backbone
+        unknown = set(winograd) - set(FPN_LEVELS) - {f"layer{i}" for i in range(1, 5)}
+        if unknown:
+            raise ValueError(f"unknown Winograd places: {sorted(unknown)}")
+        self.backbone = copy.deepcopy(model.backbone) if winograd else model.backbone
         self.head = model.rpn.head
-        if winograd_levels:
-            layer_blocks = self.backbone.fpn.layer_blocks
-            for level in winograd_levels:
-                conv = _single_conv(layer_blocks[level])
-                layer_blocks[level] = WinogradConv3x3.from_conv(conv, whole_tiles=True)
-            self.head = _RPNHeadPerLevel(copy.deepcopy(model.rpn.head), winograd_levels)
+        levels = [FPN_LEVELS.index(place) for place in winograd if place in FPN_LEVELS]
+        for level in levels:
+            conv = _single_conv(self.backbone.fpn.layer_blocks[level])
+            self.backbone.fpn.layer_blocks[level] = WinogradConv3x3.from_conv(conv, whole_tiles=True)
+        if levels:
+            self.head = _RPNHeadPerLevel(copy.deepcopy(model.rpn.head), levels)
+        for stage in (place for place in winograd if place.startswith("layer")):
+            for block in getattr(self.backbone.body, stage):
+                if is_winograd_compatible(block.conv2):
+                    block.conv2 = WinogradConv3x3.from_conv(block.conv2, block.bn2)
+                    block.bn2 = torch.nn.Identity()
 
     def forward(self, images):
         features = list(self.backbone(images).values())
@@ -165,20 +176,20 @@ def _ov():
     return openvino
 
 
-def graph_cache_key(weights_sha256: str, winograd_levels=()) -> str:
+def graph_cache_key(weights_sha256: str, winograd=()) -> str:
     """Names a converted graph: what it computes and with which versions of the tools."""
     import torchvision
 
     return hashlib.sha256("|".join((
         CACHE_FORMAT, weights_sha256, torch.__version__, torchvision.__version__, _ov().__version__,
-        "winograd=" + ",".join(map(str, winograd_levels)),
+        "winograd=" + ",".join(winograd),
     )).encode()).hexdigest()[:24]
 
 
-def converted_graph_path(model, weights_sha256: str, cache_dir: str, winograd_levels=()) -> Path:
+def converted_graph_path(model, weights_sha256: str, cache_dir: str, winograd=()) -> Path:
     """The OpenVINO IR (.xml + .bin) of backbone+FPN+RPN head, converted once and cached."""
 
-    key = graph_cache_key(weights_sha256, winograd_levels)
+    key = graph_cache_key(weights_sha256, winograd)
     directory = Path(cache_dir)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -198,7 +209,7 @@ def converted_graph_path(model, weights_sha256: str, cache_dir: str, winograd_le
     with open(directory / ".convert.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (xml.exists() and xml.with_suffix(".bin").exists()):
-            _convert(model, xml, winograd_levels)
+            _convert(model, xml, winograd)
             _prune(directory, keep=CACHE_KEEP, current=xml)
     return xml
 
@@ -213,11 +224,11 @@ def _prune(directory: Path, keep: int, current: Path) -> None:
                 path.unlink(missing_ok=True)
 
 
-def _convert(model, xml: Path, winograd_levels=()) -> None:
+def _convert(model, xml: Path, winograd=()) -> None:
     ov = _ov()
     directory = xml.parent
     log.info("converting backbone+FPN+RPN head to OpenVINO (once per weights; cached in %s)", directory)
-    wrapper = _BackboneRPNHead(model, winograd_levels).eval()
+    wrapper = _BackboneRPNHead(model, winograd).eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation notice
         converted = ov.convert_model(wrapper, example_input=torch.zeros(EXAMPLE_SHAPE),
@@ -235,17 +246,17 @@ class AcceleratedMaskRCNN:
     """Callable like the torchvision model in eval mode (``model([tensor]) -> [dict]``), no masks."""
 
     def __init__(self, model, weights_sha256: str, *, precision: str = "f32", cache_dir: str = "",
-                 threads: int = 0, roi_align_threads: int = 2, winograd_levels=()):
+                 threads: int = 0, roi_align_threads: int = 2, winograd=()):
         ov = _ov()
         self.model = model
         self.precision = precision
-        if winograd_levels and model.transform.size_divisible % SIZE_DIVISIBLE:
-            raise AccelUnavailable(f"Winograd levels need images padded to a multiple of {SIZE_DIVISIBLE}, "
+        if set(winograd) & set(FPN_LEVELS) and model.transform.size_divisible % SIZE_DIVISIBLE:
+            raise AccelUnavailable(f"Winograd on FPN levels needs images padded to a multiple of {SIZE_DIVISIBLE}, "
                                    f"the model pads to {model.transform.size_divisible}")
         core = ov.Core()
         threads = threads or torch.get_num_threads()
         xml = converted_graph_path(model, weights_sha256, cache_dir or default_cache_dir(),
-                                   winograd_levels)
+                                   winograd)
         config = {
             "INFERENCE_PRECISION_HINT": precision,
             "INFERENCE_NUM_THREADS": threads,
@@ -339,17 +350,17 @@ def build(model, weights_sha256: str, mode: str, *, cache_dir: str = "", threads
     """(callable model, effective mode) for ``mode`` in exact/fast; fast falls back to exact."""
     precision = "f32"
     effective = "exact"
-    winograd_levels = WINOGRAD_LEVELS
+    winograd = WINOGRAD
     if mode == "fast":
         core = _ov().Core()
         if bf16_supported(core):
-            precision, effective, winograd_levels = "bf16", "fast", FAST_WINOGRAD_LEVELS
+            precision, effective, winograd = "bf16", "fast", FAST_WINOGRAD
         else:
             log.warning("DETECT_MODE=fast: this CPU has no bf16 support (AVX-512 BF16 or AMX); "
                         "running the exact fp32 path instead")
     accelerated = AcceleratedMaskRCNN(model, weights_sha256, precision=precision, cache_dir=cache_dir,
                                       threads=threads, roi_align_threads=roi_align_threads,
-                                      winograd_levels=winograd_levels)
+                                      winograd=winograd)
     return accelerated, effective
 
 

@@ -108,18 +108,24 @@ def small_model():
     return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).eval()
 
 
-def test_exact_graph_uses_winograd_on_p2_p3_only_and_leaves_the_model_alone(small_model):
+def test_exact_graph_uses_winograd_where_planned_and_leaves_the_model_alone(small_model):
+    assert accel.WINOGRAD == ("P2", "P3", "layer3")
     fpn_before = [type(block).__name__ for block in small_model.backbone.fpn.layer_blocks]
-    wrapper = accel._BackboneRPNHead(small_model, accel.WINOGRAD_LEVELS).eval()
+    wrapper = accel._BackboneRPNHead(small_model, accel.WINOGRAD).eval()
     kinds = [isinstance(block, WinogradConv3x3) for block in wrapper.backbone.fpn.layer_blocks]
-    assert kinds == [level in accel.WINOGRAD_LEVELS for level in range(len(kinds))]
-    assert accel.WINOGRAD_LEVELS == (0, 1)
+    assert kinds == [True, True, False, False]
     assert isinstance(wrapper.head, accel._RPNHeadPerLevel)
+    assert wrapper.head.winograd_levels == {0, 1}
+    body = wrapper.backbone.body
+    # layer3's first block has the stride-2 convolution: it stays direct
+    assert [isinstance(block.conv2, WinogradConv3x3) for block in body.layer3] == [False] + [True] * 5
+    assert not any(isinstance(m, WinogradConv3x3) for m in body.layer2.modules())
     # the model itself keeps its direct convolutions (copies were changed)
     assert [type(block).__name__ for block in small_model.backbone.fpn.layer_blocks] == fpn_before
     assert not any(isinstance(m, WinogradConv3x3) for m in small_model.modules())
 
     direct = accel._BackboneRPNHead(small_model).eval()
+    torch.manual_seed(2)
     images = torch.rand(1, 3, 160, 224)  # a multiple of 32, as torchvision's transform pads
     with torch.no_grad():
         want, got = direct(images), wrapper(images)
@@ -129,9 +135,15 @@ def test_exact_graph_uses_winograd_on_p2_p3_only_and_leaves_the_model_alone(smal
         assert relative_error(got_map, want_map.double()) < 1e-4
 
 
+def test_unknown_winograd_place_is_refused(small_model):
+    with pytest.raises(ValueError, match="P7"):
+        accel._BackboneRPNHead(small_model, ("P2", "P7"))
+
+
 def test_graph_cache_key_names_what_the_graph_computes():
     pytest.importorskip("openvino")
     direct = accel.graph_cache_key("abc")
-    assert accel.graph_cache_key("abc", accel.WINOGRAD_LEVELS) != direct
+    assert accel.graph_cache_key("abc", accel.WINOGRAD) != direct
+    assert accel.graph_cache_key("abc", ("P2",)) != accel.graph_cache_key("abc", ("P2", "P3"))
     assert accel.graph_cache_key("abd") != direct
     assert accel.graph_cache_key("abc", ()) == direct
