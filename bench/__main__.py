@@ -29,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
+SERVICE_THRESHOLD = 0.75  # the service's SCORE_THRESHOLD default, and the reference's box_score_thresh
 
 
 # --------------------------------------------------------------------------- helpers
@@ -74,11 +75,13 @@ def available_modes() -> list[str]:
     return list(getattr(config, "DETECT_MODES", ("eager",)))
 
 
-def settings_for(weights: Path, mode: str, threshold: float = 0.75):
+def settings_for(weights: Path, mode: str, threshold: float = SERVICE_THRESHOLD):
     from common.config import Settings
 
     env = {"WEIGHTS_FILE": str(weights), "SCORE_THRESHOLD": str(threshold), "DETECT_MODE": mode}
-    env.update({k: v for k, v in os.environ.items() if k.startswith("ACCEL_")})
+    # the detect path's own knobs, as the stack gets them from the environment
+    env.update({k: v for k, v in os.environ.items()
+                if k.startswith("ACCEL_") or k in ("WINOGRAD", "ROI_ALIGN_THREADS")})
     return Settings.from_env(env)
 
 
@@ -116,7 +119,7 @@ def in_process(weights: Path, images, repeats: int, modes: list[str]) -> dict:
 
     result = {"threads": torch.get_num_threads(), "reference": {}, "modes": {}}
     model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None,
-                                  num_classes=len(COCO_CATEGORIES), box_score_thresh=0.75)
+                                  num_classes=len(COCO_CATEGORIES), box_score_thresh=SERVICE_THRESHOLD)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     model.eval()
 
@@ -153,7 +156,7 @@ def in_process(weights: Path, images, repeats: int, modes: list[str]) -> dict:
             median = statistics.median(times[mode])
             entry = result["modes"][mode]["images"][name] = {
                 "seconds": median, "all": times[mode], "ratio": median / ref_seconds,
-                **compare(ref, answers[mode])}
+                **compare(ref, answers[mode], threshold=SERVICE_THRESHOLD)}
             print(f"  mode {mode} {name}: {median:.3f} s ({median / ref_seconds:.2f}x)  "
                   f"{ {k: v for k, v in entry.items() if k != 'all'} }", flush=True)
     ref_total = sum(result["reference"][n]["seconds"] for n, _ in images)
@@ -363,6 +366,13 @@ def report(data: dict) -> str:
             cell = f"Dice {d['dice']:.3f} ({d['kept']}/{d['kept_ref']})"
             if "max_score_dev" in d:
                 cell += f", score ±{d['max_score_dev']:.1e}, box ±{d['max_box_dev_px']:.2f}px"
+            if d.get("borderline"):
+                from bench.compare import SCORE_TOLERANCE
+
+                cell += (f", {d['borderline']} kept by one side only with a score within "
+                         f"{SCORE_TOLERANCE:g} of the threshold")
+            if d.get("same_answers") is not None:
+                cell += ": same answers" if d["same_answers"] else ": **different answers**"
             cells.append(cell)
         add(f"| `{mode}` | " + " | ".join(cells) + " |")
     stack = data.get("stack")

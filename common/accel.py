@@ -7,8 +7,9 @@
     * backbone + FPN + RPN head (about 80 % of the time) run as one OpenVINO graph, fp32
       (``INFERENCE_PRECISION_HINT=f32`` set explicitly: OpenVINO's CPU default is bf16 where the
       CPU has it), dynamic input height/width; in it, the 3x3 convolutions of the FPN and the RPN
-      head on the two largest levels (P2, P3: a third of the graph's arithmetic) are computed with
-      Winograd's F(4x4, 3x3), 2.25x fewer multiplications (``common/winograd.py``);
+      head on the two largest levels (P2, P3: a third of the graph's arithmetic) and of ResNet's
+      layer3 are computed with Winograd's F(4x4, 3x3), 2.25x fewer multiplications
+      (``common/winograd.py``, ``WINOGRAD``);
     * everything else stays torchvision's own code, called piece by piece exactly as
       ``GeneralizedRCNN.forward`` calls it (transform, anchors, proposal decoding and NMS, box
       head, post-processing), except that the box RoIAlign over the 1000 proposals, which
@@ -20,12 +21,12 @@
   Labels are equal to eager's and scores/boxes agree to float rounding (tests/test_detect_modes.py,
   at a low threshold: up to 100 boxes per image compared).
 - ``fast``: as ``exact`` but the OpenVINO graph (with direct convolutions) runs in bf16 where the
-  CPU supports it (AVX-512 BF16 or AMX); answers deviate (the benchmark measures how much). On a CPU without bf16 it logs
-  that and runs ``exact``.
+  CPU supports it (AVX-512 BF16 or AMX); answers deviate (the benchmark measures how much). On a
+  CPU without bf16 it logs that and runs ``exact``.
 
 The converted graph is cached on disk (``ACCEL_CACHE_DIR``), keyed by the sha256 of the weights,
-the versions of torch, torchvision and OpenVINO and the Winograd levels, so it is converted once,
-not at every start.
+the versions of torch, torchvision and OpenVINO and where Winograd is used, so it is converted
+once, not at every start.
 """
 
 from __future__ import annotations
@@ -188,7 +189,6 @@ def graph_cache_key(weights_sha256: str, winograd=()) -> str:
 
 def converted_graph_path(model, weights_sha256: str, cache_dir: str, winograd=()) -> Path:
     """The OpenVINO IR (.xml + .bin) of backbone+FPN+RPN head, converted once and cached."""
-
     key = graph_cache_key(weights_sha256, winograd)
     directory = Path(cache_dir)
     try:
@@ -250,9 +250,10 @@ class AcceleratedMaskRCNN:
         ov = _ov()
         self.model = model
         self.precision = precision
+        self.winograd = tuple(winograd)
         if set(winograd) & set(FPN_LEVELS) and model.transform.size_divisible % SIZE_DIVISIBLE:
-            raise AccelUnavailable(f"Winograd on FPN levels needs images padded to a multiple of {SIZE_DIVISIBLE}, "
-                                   f"the model pads to {model.transform.size_divisible}")
+            raise AccelUnavailable(f"Winograd on FPN levels needs images padded to a multiple of "
+                                   f"{SIZE_DIVISIBLE}, the model pads to {model.transform.size_divisible}")
         core = ov.Core()
         threads = threads or torch.get_num_threads()
         xml = converted_graph_path(model, weights_sha256, cache_dir or default_cache_dir(),
@@ -346,21 +347,23 @@ class AcceleratedMaskRCNN:
 
 
 def build(model, weights_sha256: str, mode: str, *, cache_dir: str = "", threads: int = 0,
-          roi_align_threads: int = 2):
-    """(callable model, effective mode) for ``mode`` in exact/fast; fast falls back to exact."""
+          roi_align_threads: int = 2, winograd: bool = True):
+    """(callable model, effective mode) for ``mode`` in exact/fast; fast falls back to exact.
+    ``winograd=False``: the exact path computes every convolution directly (slower, and about
+    0.6 GB less memory: OpenVINO keeps the Winograd layers' large intermediate tensors allocated)."""
     precision = "f32"
     effective = "exact"
-    winograd = WINOGRAD
+    places = WINOGRAD if winograd else ()
     if mode == "fast":
         core = _ov().Core()
         if bf16_supported(core):
-            precision, effective, winograd = "bf16", "fast", FAST_WINOGRAD
+            precision, effective, places = "bf16", "fast", FAST_WINOGRAD
         else:
             log.warning("DETECT_MODE=fast: this CPU has no bf16 support (AVX-512 BF16 or AMX); "
                         "running the exact fp32 path instead")
     accelerated = AcceleratedMaskRCNN(model, weights_sha256, precision=precision, cache_dir=cache_dir,
                                       threads=threads, roi_align_threads=roi_align_threads,
-                                      winograd=winograd)
+                                      winograd=places)
     return accelerated, effective
 
 

@@ -81,6 +81,7 @@ class Settings:
     detect_mode: str = "exact"
     accel_cache_dir: str = ""  # empty: $XDG_CACHE_HOME/instance-detector or ~/.cache/instance-detector
     roi_align_threads: int = 2
+    winograd: int = 1  # 1: the exact path computes its large 3x3 convolutions with Winograd
     shared_inference_lock: int = 1  # 1: one forward pass at a time across the stack (RUN_DIR)
 
     @classmethod
@@ -96,6 +97,9 @@ class Settings:
         detect_mode = _env_str(env, "DETECT_MODE", cls.detect_mode).lower()
         if detect_mode not in DETECT_MODES:
             raise ConfigError(f"DETECT_MODE={detect_mode!r} must be one of {', '.join(DETECT_MODES)}")
+        winograd = _env_number(env, "WINOGRAD", cls.winograd, int, 0)
+        if winograd > 1:
+            raise ConfigError(f"WINOGRAD={winograd} must be 0 or 1")
         model_server = _env_str(env, "MODEL_SERVER", cls.model_server)
         if len(model_server.encode()) > MAX_SOCKET_PATH:
             raise ConfigError(f"MODEL_SERVER={model_server!r} is longer than a Unix socket path may be "
@@ -129,6 +133,7 @@ class Settings:
             detect_mode=detect_mode,
             accel_cache_dir=_env_str(env, "ACCEL_CACHE_DIR", cls.accel_cache_dir),
             roi_align_threads=_env_number(env, "ROI_ALIGN_THREADS", cls.roi_align_threads, int, 1),
+            winograd=winograd,
             shared_inference_lock=_env_number(
                 env, "SHARED_INFERENCE_LOCK", cls.shared_inference_lock, int, 0),
         )

@@ -134,7 +134,7 @@ class Detector:
             accelerated, mode = accel.build(
                 model, accel.state_dict_sha256(state_dict), settings.detect_mode,
                 cache_dir=settings.accel_cache_dir, threads=settings.torch_threads,
-                roi_align_threads=settings.roi_align_threads)
+                roi_align_threads=settings.roi_align_threads, winograd=bool(settings.winograd))
         except Exception:  # noqa: BLE001 - the eager model gives the same answers, only slower
             log.exception("DETECT_MODE=%s could not be set up; running torchvision eager instead",
                           settings.detect_mode)
