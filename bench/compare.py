@@ -16,6 +16,16 @@ from common.evaluate import dice_score
 
 SCORE_TOLERANCE = 1e-3
 BOX_TOLERANCE_PX = 0.5
+SAME_OBJECT_IOU = 0.5  # two detections of one label overlapping this much are paired
+
+
+def iou(a, b) -> float:
+    """Intersection over union of two (x1, y1, x2, y2) boxes (0 for two empty boxes)."""
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(width, 0.0) * max(height, 0.0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def compare(reference, candidate, threshold: float | None = None) -> dict:
@@ -24,7 +34,8 @@ def compare(reference, candidate, threshold: float | None = None) -> dict:
 
     Returns the course's Dice, the counts, whether the label multisets are equal and, where scores
     are known, the largest score and box deviations over paired detections. Pairs are made closest
-    boxes first, between detections of the same label. A detection left without a partner whose
+    boxes first, between detections of the same label that are the same object (boxes within the
+    box tolerance, or IoU >= 0.5). A detection left without a partner whose
     score is within the score tolerance of ``threshold`` is "borderline": the other side scored it
     a hair below the threshold, which is a deviation within tolerance, not a different answer.
     ``same_answers`` applies the tolerances."""
@@ -39,8 +50,11 @@ def compare(reference, candidate, threshold: float | None = None) -> dict:
     def box_distance(i, j):
         return max(abs(x - y) for x, y in zip(ref_boxes[i], boxes[j]))
 
+    def same_object(i, j):
+        return box_distance(i, j) <= BOX_TOLERANCE_PX or iou(ref_boxes[i], boxes[j]) >= SAME_OBJECT_IOU
+
     candidates = sorted((box_distance(i, j), i, j) for i, label in enumerate(ref_labels)
-                        for j, other in enumerate(labels) if other == label)
+                        for j, other in enumerate(labels) if other == label and same_object(i, j))
     ref_free, cand_free = set(range(len(ref_labels))), set(range(len(labels)))
     score_dev = box_dev = 0.0
     for distance, i, j in candidates:

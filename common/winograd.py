@@ -103,7 +103,9 @@ class WinogradConv3x3(torch.nn.Module):
         return cls(weight, bias, whole_tiles=whole_tiles)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, channels, height, width = x.shape
+        batch, channels, height, width = x.shape
+        if not torch.jit.is_tracing() and batch != 1:
+            raise ValueError(f"one image at a time (the channels go on the batch axis), not {batch}")
         rows = (height + TILE - 1) // TILE
         cols = (width + TILE - 1) // TILE
         if self.whole_tiles:

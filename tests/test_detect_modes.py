@@ -197,6 +197,9 @@ def test_comparison_pairs_near_tied_detections_and_catches_real_differences():
     assert not compare(reference, moved)["same_answers"]
     rescored = (swapped[0], [0.946545, 0.946549, 0.502], swapped[2])
     assert not compare(reference, rescored)["same_answers"]
+    elsewhere = (swapped[0], swapped[1], [swapped[2][0], swapped[2][1], [300.0, 300.0, 310.0, 310.0]])
+    result = compare(reference, elsewhere)  # a different object is not paired, whatever its label
+    assert result["unpaired"] == 2 and result["max_box_dev_px"] < 0.5 and not result["same_answers"]
     relabelled = ([44, 44, 2], swapped[1], swapped[2])
     result = compare(reference, relabelled)
     assert not result["labels_equal"] and not result["same_answers"]

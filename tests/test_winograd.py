@@ -67,6 +67,8 @@ def test_whole_tiles_needs_multiples_of_four():
         assert relative_error(module(x), direct64(conv, x)) < 2e-5
         with pytest.raises(ValueError, match="multiple of 4"):
             module(torch.randn(1, 8, 10, 20))
+        with pytest.raises(ValueError, match="one image at a time"):
+            module(torch.randn(2, 8, 12, 20))
 
 
 @pytest.mark.parametrize("norm_type", [torch.nn.BatchNorm2d, FrozenBatchNorm2d])
