@@ -65,6 +65,11 @@ EXAMPLE_SHAPE = (1, 3, 800, 1088)
 # of 32 (checked).
 WINOGRAD = ("P2", "P3", "layer3")
 FPN_LEVELS = ("P2", "P3", "P4", "P5")  # the FPN's layer_blocks, in order (P6 is a max-pool)
+# Row strips per FPN level, each transformed and multiplied on its own: with a dynamic input shape
+# OpenVINO keeps each large intermediate tensor allocated between passes, and two strips on P2
+# halve the largest ones (model process after a pass: 2.38 GB in one piece, 1.86 GB in two, 1.67 GB
+# with direct convolutions; the same speed; four strips, or P3 in two, saved nothing more).
+WINOGRAD_STRIPS = {"P2": 2}
 # In bf16 the transforms' large coefficients cost accuracy and the graph was no faster (measured 1.08
 # vs 1.09 s at 640x480): the fast path keeps direct convolutions.
 FAST_WINOGRAD = ()
@@ -114,19 +119,21 @@ def _single_conv(block: torch.nn.Module) -> torch.nn.Conv2d:
 class _RPNHeadPerLevel(torch.nn.Module):
     """torchvision's ``RPNHead`` with its 3x3 convolution run by Winograd on some levels."""
 
-    def __init__(self, head, winograd_levels):
+    def __init__(self, head, winograd_levels, strips):
         super().__init__()
         self.head = head
         conv = _single_conv(head.conv)
         self.has_relu = any(isinstance(m, torch.nn.ReLU) for m in head.conv.modules())
-        self.winograd = WinogradConv3x3.from_conv(conv, whole_tiles=True)
         self.winograd_levels = frozenset(winograd_levels)
+        self.winograd = torch.nn.ModuleList(
+            WinogradConv3x3.from_conv(conv, whole_tiles=True, strips=strips[level])
+            if level in self.winograd_levels else torch.nn.Identity() for level in range(len(strips)))
 
     def forward(self, features):
         logits, deltas = [], []
         for level, feature in enumerate(features):
             if level in self.winograd_levels:
-                hidden = self.winograd(feature)
+                hidden = self.winograd[level](feature)
                 hidden = torch.relu(hidden) if self.has_relu else hidden
             else:
                 hidden = self.head.conv(feature)
@@ -151,11 +158,13 @@ class _BackboneRPNHead(torch.nn.Module):
         self.backbone = copy.deepcopy(model.backbone) if winograd else model.backbone
         self.head = model.rpn.head
         levels = [FPN_LEVELS.index(place) for place in winograd if place in FPN_LEVELS]
+        strips = [WINOGRAD_STRIPS.get(FPN_LEVELS[level], 1) for level in range(len(FPN_LEVELS))]
         for level in levels:
             conv = _single_conv(self.backbone.fpn.layer_blocks[level])
-            self.backbone.fpn.layer_blocks[level] = WinogradConv3x3.from_conv(conv, whole_tiles=True)
+            self.backbone.fpn.layer_blocks[level] = WinogradConv3x3.from_conv(
+                conv, whole_tiles=True, strips=strips[level])
         if levels:
-            self.head = _RPNHeadPerLevel(copy.deepcopy(model.rpn.head), levels)
+            self.head = _RPNHeadPerLevel(copy.deepcopy(model.rpn.head), levels, strips)
         for stage in (place for place in winograd if place.startswith("layer")):
             for block in getattr(self.backbone.body, stage):
                 if is_winograd_compatible(block.conv2):
@@ -183,7 +192,7 @@ def graph_cache_key(weights_sha256: str, winograd=()) -> str:
 
     return hashlib.sha256("|".join((
         CACHE_FORMAT, weights_sha256, torch.__version__, torchvision.__version__, _ov().__version__,
-        "winograd=" + ",".join(winograd),
+        "winograd=" + ",".join(winograd), f"strips={sorted(WINOGRAD_STRIPS.items())}",
     )).encode()).hexdigest()[:24]
 
 

@@ -66,11 +66,15 @@ class WinogradConv3x3(torch.nn.Module):
     """Same result as ``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 kernel, batch size 1."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 whole_tiles: bool = False):
+                 whole_tiles: bool = False, strips: int = 1):
         """``whole_tiles``: the caller guarantees height and width are multiples of 4 (as on the
-        FPN's P2 and P3 levels of an image padded to 32), so no padding or cropping is needed."""
+        FPN's P2 and P3 levels of an image padded to 32), so no padding or cropping is needed.
+        ``strips`` (with ``whole_tiles``): compute the output in that many horizontal strips, one
+        after the other, so that the large intermediate tensors are that many times smaller; the
+        caller guarantees at least that many rows of tiles (height >= 4 * strips)."""
         super().__init__()
         self.whole_tiles = whole_tiles
+        self.strips = strips
         weight = weight.detach().double()
         out_channels, in_channels, kh, kw = weight.shape
         if (kh, kw) != (3, 3):
@@ -94,13 +98,13 @@ class WinogradConv3x3(torch.nn.Module):
 
     @classmethod
     def from_conv(cls, conv: torch.nn.Conv2d, norm: torch.nn.Module | None = None, *,
-                  whole_tiles: bool = False) -> "WinogradConv3x3":
+                  whole_tiles: bool = False, strips: int = 1) -> "WinogradConv3x3":
         if not is_winograd_compatible(conv):
             raise ValueError(f"not a plain 3x3 convolution: {conv}")
         weight, bias = conv.weight, conv.bias
         if norm is not None:
             weight, bias = fold_batch_norm(weight, bias, norm)
-        return cls(weight, bias, whole_tiles=whole_tiles)
+        return cls(weight, bias, whole_tiles=whole_tiles, strips=strips)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
@@ -108,6 +112,16 @@ class WinogradConv3x3(torch.nn.Module):
             raise ValueError(f"one image at a time (the channels go on the batch axis), not {batch}")
         rows = (height + TILE - 1) // TILE
         cols = (width + TILE - 1) // TILE
+        if self.whole_tiles and self.strips > 1:
+            if not torch.jit.is_tracing() and (height % TILE or width % TILE):
+                raise ValueError(f"{height}x{width} is not a multiple of {TILE}")
+            padded = F.pad(x, (1, 1, 1, 1))
+            bounds = [rows * i // self.strips for i in range(self.strips + 1)]
+            outs = [self._tiles_to_output(
+                F.conv2d(padded[:, :, TILE * r0:TILE * r1 + 2].reshape(channels, 1, TILE * (r1 - r0) + 2, width + 2),
+                         self.input_transform, stride=TILE), r1 - r0, cols)
+                for r0, r1 in zip(bounds, bounds[1:])]
+            return torch.cat(outs, 2) + self.bias
         if self.whole_tiles:
             if not torch.jit.is_tracing() and (height % TILE or width % TILE):
                 raise ValueError(f"{height}x{width} is not a multiple of {TILE}")
@@ -119,13 +133,18 @@ class WinogradConv3x3(torch.nn.Module):
             padded = F.pad(x, (1, TILE * cols + 1 - width, 1, TILE * rows + 1 - height))
             tiles = F.conv2d(padded.reshape(channels, 1, TILE * rows + 2, TILE * cols + 2),
                              self.input_transform, stride=TILE)
+        out = self._tiles_to_output(tiles, rows, cols)
+        if not self.whole_tiles:
+            out = out[:, :, :height, :width]
+        return out + self.bias
+
+    def _tiles_to_output(self, tiles: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """(C, 36, rows, cols) transformed input tiles -> (1, C_out, 4 rows, 4 cols), no bias."""
+        channels = tiles.shape[0]
         tiles = tiles.reshape(channels, -1, rows * cols).transpose(0, 1)  # (36, C, tiles)
         products = torch.matmul(self.filters, tiles)  # (36, C_out, tiles)
         out = torch.matmul(self.output_transform, products.reshape(products.shape[0], -1))
         # (4, 4, C_out, rows, cols) -> (C_out, rows, 4, cols, 4): written as a rank-6 depth-to-space
         # so that OpenVINO runs it as one fast transpose
         out = out.reshape(1, TILE, TILE, self.out_channels, rows, cols).permute(0, 3, 4, 1, 5, 2)
-        out = out.reshape(1, self.out_channels, TILE * rows, TILE * cols)
-        if not self.whole_tiles:
-            out = out[:, :, :height, :width]
-        return out + self.bias
+        return out.reshape(1, self.out_channels, TILE * rows, TILE * cols)

@@ -71,6 +71,18 @@ def test_whole_tiles_needs_multiples_of_four():
             module(torch.randn(2, 8, 12, 20))
 
 
+@pytest.mark.parametrize("strips", [2, 3, 5])
+def test_strips_give_the_same_result(strips):
+    conv = random_conv(16, 12, seed=strips)
+    x = torch.randn(1, 16, 4 * 7, 4 * 5)
+    with torch.no_grad():
+        whole = WinogradConv3x3.from_conv(conv, whole_tiles=True)(x)
+        in_strips = WinogradConv3x3.from_conv(conv, whole_tiles=True, strips=strips)(x)
+    assert in_strips.shape == whole.shape
+    assert relative_error(in_strips, whole.double()) < 2e-5  # GEMM summation order differs
+    assert relative_error(in_strips, direct64(conv, x)) < 2e-5
+
+
 @pytest.mark.parametrize("norm_type", [torch.nn.BatchNorm2d, FrozenBatchNorm2d])
 def test_batch_norm_folding(norm_type):
     conv = random_conv(8, 12, bias=False, seed=3)
@@ -118,6 +130,9 @@ def test_exact_graph_uses_winograd_where_planned_and_leaves_the_model_alone(smal
     assert kinds == [True, True, False, False]
     assert isinstance(wrapper.head, accel._RPNHeadPerLevel)
     assert wrapper.head.winograd_levels == {0, 1}
+    assert accel.WINOGRAD_STRIPS == {"P2": 2}
+    assert wrapper.backbone.fpn.layer_blocks[0].strips == wrapper.head.winograd[0].strips == 2
+    assert wrapper.backbone.fpn.layer_blocks[1].strips == wrapper.head.winograd[1].strips == 1
     body = wrapper.backbone.body
     # layer3's first block has the stride-2 convolution: it stays direct
     assert [isinstance(block.conv2, WinogradConv3x3) for block in body.layer3] == [False] + [True] * 5
