@@ -359,7 +359,7 @@ def build(model, weights_sha256: str, mode: str, *, cache_dir: str = "", threads
           roi_align_threads: int = 2, winograd: bool = True):
     """(callable model, effective mode) for ``mode`` in exact/fast; fast falls back to exact.
     ``winograd=False``: the exact path computes every convolution directly (slower, and about
-    0.6 GB less memory: OpenVINO keeps the Winograd layers' large intermediate tensors allocated)."""
+    0.2 GB less memory: OpenVINO keeps the Winograd layers' large intermediate tensors allocated)."""
     precision = "f32"
     effective = "exact"
     places = WINOGRAD if winograd else ()
