@@ -88,8 +88,9 @@ def settings_for(weights: Path, mode: str, threshold: float = SERVICE_THRESHOLD)
 def raw_outputs(detector, image):
     """(labels, scores, boxes) lists from the service's detector, or (labels, None, None)."""
     if hasattr(detector, "detect_raw"):
-        out = detector.detect_raw(image)
-        return out["labels"].tolist(), out["scores"].tolist(), out["boxes"].tolist()
+        from bench.compare import as_lists
+
+        return as_lists(detector.detect_raw(image))
     from common.detector import COCO_CATEGORIES
 
     names = detector.detect(image)

@@ -28,6 +28,11 @@ def iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def as_lists(raw: dict) -> tuple[list, list, list]:
+    """(labels, scores, boxes) lists from a detector's raw answer (``Detector.detect_raw``)."""
+    return raw["labels"].tolist(), raw["scores"].tolist(), raw["boxes"].tolist()
+
+
 def compare(reference, candidate, threshold: float | None = None) -> dict:
     """``reference`` and ``candidate``: (labels, scores, boxes) lists (scores/boxes may be None);
     ``threshold``: the score threshold both ran with, if any.
@@ -35,10 +40,10 @@ def compare(reference, candidate, threshold: float | None = None) -> dict:
     Returns the course's Dice, the counts, whether the label multisets are equal and, where scores
     are known, the largest score and box deviations over paired detections. Pairs are made closest
     boxes first, between detections of the same label that are the same object (boxes within the
-    box tolerance, or IoU >= 0.5). A detection left without a partner whose
-    score is within the score tolerance of ``threshold`` is "borderline": the other side scored it
-    a hair below the threshold, which is a deviation within tolerance, not a different answer.
-    ``same_answers`` applies the tolerances."""
+    box tolerance, or IoU >= 0.5). A detection left without a partner whose score is within the
+    score tolerance of ``threshold`` is "borderline": the other side scored it a hair below the
+    threshold, which is a deviation within tolerance, not a different answer. ``same_answers``
+    applies the tolerances."""
     ref_labels, ref_scores, ref_boxes = reference
     labels, scores, boxes = candidate
     result = {"dice": dice_score(ref_labels, labels), "labels_equal": Counter(ref_labels) == Counter(labels),
@@ -47,14 +52,14 @@ def compare(reference, candidate, threshold: float | None = None) -> dict:
         result["same_answers"] = None
         return result
 
-    def box_distance(i, j):
-        return max(abs(x - y) for x, y in zip(ref_boxes[i], boxes[j]))
-
-    def same_object(i, j):
-        return box_distance(i, j) <= BOX_TOLERANCE_PX or iou(ref_boxes[i], boxes[j]) >= SAME_OBJECT_IOU
-
-    candidates = sorted((box_distance(i, j), i, j) for i, label in enumerate(ref_labels)
-                        for j, other in enumerate(labels) if other == label and same_object(i, j))
+    candidates = []  # (box distance, i, j) for same-label detections of the same object
+    for i, label in enumerate(ref_labels):
+        for j, other in enumerate(labels):
+            if other == label:
+                distance = max(abs(x - y) for x, y in zip(ref_boxes[i], boxes[j]))
+                if distance <= BOX_TOLERANCE_PX or iou(ref_boxes[i], boxes[j]) >= SAME_OBJECT_IOU:
+                    candidates.append((distance, i, j))
+    candidates.sort()
     ref_free, cand_free = set(range(len(ref_labels))), set(range(len(labels)))
     score_dev = box_dev = 0.0
     for distance, i, j in candidates:

@@ -15,7 +15,7 @@ import torch
 from torchvision.models.detection import MaskRCNN
 
 from bench.checkpoint import make_realistic_checkpoint
-from bench.compare import compare
+from bench.compare import as_lists, compare
 from bench.images import photo_like
 from common import accel
 from common.config import ConfigError, Settings
@@ -23,10 +23,6 @@ from common.cpugate import CpuGate
 from common.detector import Detector
 
 LOW_THRESHOLD = 0.05
-
-
-def as_lists(raw: dict):
-    return raw["labels"].tolist(), raw["scores"].tolist(), raw["boxes"].tolist()
 
 
 @pytest.fixture(scope="module")
