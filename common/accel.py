@@ -192,7 +192,8 @@ def graph_cache_key(weights_sha256: str, winograd=()) -> str:
 
     return hashlib.sha256("|".join((
         CACHE_FORMAT, weights_sha256, torch.__version__, torchvision.__version__, _ov().__version__,
-        "winograd=" + ",".join(winograd), f"strips={sorted(WINOGRAD_STRIPS.items())}",
+        "winograd=" + ",".join(winograd),
+        f"strips={sorted((place, n) for place, n in WINOGRAD_STRIPS.items() if place in winograd)}",
     )).encode()).hexdigest()[:24]
 
 
