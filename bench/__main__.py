@@ -10,7 +10,8 @@ Prints a table and writes JSON (bench/results/<label>.json). In one run, side by
 5. whole-stack PSS (supervisord and all children) idle after warm-up and peak under load, against
    one process holding the model;
 6. cold start: supervisord start until /readyz is 200 and gRPC health is SERVING.
-Ratios: 2 / 1, 3 / 2, throughput / best in-process throughput, memory / one process.
+Ratios: 2 / 1, 3 / in-process detect and throughput / in-process rate (both measured beside the
+stack, in turn with it), memory / one process.
 """
 
 from __future__ import annotations
@@ -211,23 +212,38 @@ class Clients:
         return list(stub.Predict(self._pb2.InstanceDetectorInput(url=self.url), timeout=300).objects)
 
 
-def latency(stack, image_urls: dict, repeats: int) -> dict:
+def latency(stack, image_urls: dict, repeats: int, local_detect) -> dict:
+    """p50/p95 over HTTP and gRPC, each call beside an in-process detection of the same decoded
+    image (in-process, HTTP, gRPC, in-process, ...): the ratio of the two then holds on a machine
+    whose speed drifts during the run (seen here: a whole in-process phase 40 % slower than the
+    stack phase that followed it)."""
     import requests
 
     result = {}
-    for name, url in image_urls.items():
+    for name, (url, image) in image_urls.items():
         clients = Clients(stack, url)
         session, stub = requests.Session(), clients.grpc_stub()
-        clients.http_call(session), clients.grpc_call(stub)  # warm-up both
-        entry = {}
-        for protocol, call in (("http", lambda: clients.http_call(session)),
-                               ("grpc", lambda: clients.grpc_call(stub))):
-            times = timed(call, repeats)[1]
-            entry[protocol] = {"p50": statistics.median(times), "p95": percentile(times, 95), "all": times}
-            print(f"  {protocol} {name}: p50 {entry[protocol]['p50']:.3f} s, "
-                  f"p95 {entry[protocol]['p95']:.3f} s", flush=True)
-        result[name] = entry
+        calls = {"in_process": lambda: local_detect(image), "http": lambda: clients.http_call(session),
+                 "grpc": lambda: clients.grpc_call(stub)}
+        for call in calls.values():
+            call()  # warm-up
+        times = {kind: [] for kind in calls}
+        for _ in range(repeats):
+            for kind, call in calls.items():
+                times[kind].append(timed(call, 1)[0])
+        entry = result[name] = {kind: {"p50": statistics.median(values), "p95": percentile(values, 95),
+                                       "all": values} for kind, values in times.items()}
+        print(f"  {name}: " + ", ".join(f"{kind} p50 {entry[kind]['p50']:.3f} s, p95 "
+                                        f"{entry[kind]['p95']:.3f} s" for kind in calls), flush=True)
     return result
+
+
+def in_process_seconds(local_detect, image, calls: int = 2) -> float:
+    """Seconds for ``calls`` detections in this process, back to back."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        local_detect(image)
+    return time.perf_counter() - start
 
 
 def load(stack, url: str, protocol: str, count: int, duration: float, on_tick=None):
@@ -271,21 +287,31 @@ def load(stack, url: str, protocol: str, count: int, duration: float, on_tick=No
     return done, len(errors), began
 
 
-def throughput(stack, url: str, concurrency: list[int], duration: float, supervisord_pid: int) -> dict:
+def throughput(stack, url: str, image, concurrency: list[int], duration: float, supervisord_pid: int,
+               local_detect) -> dict:
+    """Requests per second per protocol and client count. Each run's ratio denominator is the
+    in-process rate (detections back to back, the best a one-model stack can do) measured right
+    before and right after it, for the same reason as in ``latency``."""
     result = {"duration": duration, "runs": {}}
+    calls = 2
+    local_before = in_process_seconds(local_detect, image, calls)
     for protocol in ("http", "grpc", "mixed"):
         for count in concurrency:
             done, errors, began = load(stack, url, protocol, count, duration)
+            local_after = in_process_seconds(local_detect, image, calls)
+            local_rate = 2 * calls / (local_before + local_after)
+            local_before = local_after  # the next run's "before"
             # Every call started within the window counts, and the clock runs until the last one
             # ends: a few-second call cut off at the window's end would otherwise skew short runs.
             elapsed = max((end for _, end in done), default=began + duration) - began
             rate = len(done) / elapsed
             key = f"{protocol}x{count}"
             result["runs"][key] = {
-                "requests_per_s": rate, "completed": len(done), "elapsed_s": elapsed, "errors": errors,
+                "requests_per_s": rate, "in_process_per_s": local_rate, "completed": len(done),
+                "elapsed_s": elapsed, "errors": errors,
                 "p50": statistics.median(end - start for start, end in done) if done else None}
-            print(f"  {key}: {rate:.3f} req/s ({len(done)} in {elapsed:.1f} s, {errors} errors)",
-                  flush=True)
+            print(f"  {key}: {rate:.3f} req/s ({len(done)} in {elapsed:.1f} s, {errors} errors; "
+                  f"in process before and after: {local_rate:.3f}/s)", flush=True)
     # Peak memory in a run of its own: reading every process's smaps costs CPU, which would
     # otherwise be taken from the runs above.
     peak = [0.0]
@@ -296,13 +322,22 @@ def throughput(stack, url: str, concurrency: list[int], duration: float, supervi
     return result
 
 
-def stack_section(weights: Path, images, args, mode_env: dict) -> dict:
+def stack_section(weights: Path, images, args, mode_env: dict, local_detect) -> dict:
+    """The real stack; ``local_detect(image)`` is the same detect path in this process, measured
+    beside it for the ratios."""
     sys.path.insert(0, str(REPO))
+    import io
+
+    from PIL import Image
+
     from bench.images import jpeg
     from tests.helpers import ImageServer, Stack
 
     server = ImageServer()
-    urls = {name: server.add(f"/{name}.jpg", jpeg(image)) for name, image in images}
+    urls = {}  # name -> (URL of the JPEG served, the pixels the servers decode from it)
+    for name, image in images:
+        data = jpeg(image)
+        urls[name] = (server.add(f"/{name}.jpg", data), Image.open(io.BytesIO(data)).convert("RGB"))
     workdir = Path(tempfile.mkdtemp(prefix="bench-stack-"))
     env = {"WEIGHTS_FILE": str(weights), "ALLOWED_PRIVATE_TARGETS": f"127.0.0.1:{server.port}",
            "TORCH_THREADS": os.environ.get("TORCH_THREADS", "0"), **mode_env}
@@ -318,14 +353,15 @@ def stack_section(weights: Path, images, args, mode_env: dict) -> dict:
     print(f"  first start (cache as found): {result['first_start_s']:.1f} s", flush=True)
     try:
         pid = stack.process.pid
-        result["latency"] = latency(stack, urls, args.repeats)
+        result["latency"] = latency(stack, urls, args.repeats, local_detect)
         time.sleep(2)
         result["idle_pss_mib"] = tree_pss_mib(pid)
         result["processes"] = [{"pid": p, "cmd": command[:100], "pss_mib": pss_kib(p) / 1024}
                                for p, command in stack.processes().items()]
         print(f"  whole-stack PSS idle after warm-up: {result['idle_pss_mib']:.0f} MiB", flush=True)
-        first = next(iter(urls.values()))
-        result["throughput"] = throughput(stack, first, args.clients, args.duration, pid)
+        first_url, first_image = next(iter(urls.values()))
+        result["throughput"] = throughput(stack, first_url, first_image, args.clients, args.duration,
+                                          pid, local_detect)
     finally:
         stack.stop()
     stack, result["cold_start_s"] = start()  # again, with whatever the first start cached
@@ -381,30 +417,42 @@ def report(data: dict) -> str:
         default = data["default_mode"]
         detect = {n: inp["modes"][default]["images"][n]["seconds"] for n in names}
         add("")
-        add(f"End to end (default mode `{default}`, one client; ratio = p50 / in-process detect):")
+        # Ratios against the in-process detect path measured beside each call or run (older
+        # results: against the in-process section's figures).
+        add(f"End to end (default mode `{default}`, one client; ratio = p50 / in-process detect p50, "
+            "measured call by call in turn with HTTP and gRPC):")
         add("")
-        add("| image | HTTP p50 | HTTP p95 | gRPC p50 | gRPC p95 | HTTP ratio | gRPC ratio |")
-        add("| --- | --- | --- | --- | --- | --- | --- |")
+        add("| image | in-process p50 | HTTP p50 | HTTP p95 | gRPC p50 | gRPC p95 | HTTP ratio | gRPC ratio |")
+        add("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for n in names:
             lat = stack["latency"][n]
-            add(f"| {n} | {lat['http']['p50']:.3f} | {lat['http']['p95']:.3f} | {lat['grpc']['p50']:.3f} "
-                f"| {lat['grpc']['p95']:.3f} | {lat['http']['p50'] / detect[n]:.2f} "
-                f"| {lat['grpc']['p50'] / detect[n]:.2f} |")
-        best = 1.0 / detect[names[0]]
+            local = lat.get("in_process", {}).get("p50", detect[n])
+            add(f"| {n} | {local:.3f} | {lat['http']['p50']:.3f} | {lat['http']['p95']:.3f} "
+                f"| {lat['grpc']['p50']:.3f} | {lat['grpc']['p95']:.3f} | {lat['http']['p50'] / local:.2f} "
+                f"| {lat['grpc']['p50'] / local:.2f} |")
         tp = stack["throughput"]
+        runs = tp["runs"]
+        best = 1.0 / detect[names[0]]
+        local_rates = [run["in_process_per_s"] for run in runs.values() if "in_process_per_s" in run]
         add("")
-        add(f"Throughput, {names[0]}, {tp['duration']:.0f} s per run (ratio = req/s ÷ best in-process "
-            f"{best:.3f} req/s):")
+        if local_rates:
+            add(f"Throughput, {names[0]}, {tp['duration']:.0f} s per run (ratio = req/s ÷ in-process "
+                f"req/s measured right before and after the run: {min(local_rates):.3f}–{max(local_rates):.3f}):")
+        else:
+            add(f"Throughput, {names[0]}, {tp['duration']:.0f} s per run (ratio = req/s ÷ best in-process "
+                f"{best:.3f} req/s):")
         add("")
-        counts = sorted({int(k.rsplit("x", 1)[1]) for k in tp["runs"]})
+        counts = sorted({int(k.rsplit("x", 1)[1]) for k in runs})
         add("| protocol | " + " | ".join(f"{c} clients" for c in counts) + " |")
         add("| --- |" + " --- |" * len(counts))
         for protocol in ("http", "grpc", "mixed"):
-            add(f"| {protocol} | " + " | ".join(
-                f"{tp['runs'][f'{protocol}x{c}']['requests_per_s']:.3f} "
-                f"({tp['runs'][f'{protocol}x{c}']['requests_per_s'] / best:.2f})"
-                + (f" {tp['runs'][f'{protocol}x{c}']['errors']} err" if tp['runs'][f'{protocol}x{c}']['errors'] else "")
-                for c in counts) + " |")
+            cells = []
+            for c in counts:
+                run = runs[f"{protocol}x{c}"]
+                rate = run["requests_per_s"]
+                cells.append(f"{rate:.3f} ({rate / run.get('in_process_per_s', best):.2f})"
+                             + (f" {run['errors']} err" if run["errors"] else ""))
+            add(f"| {protocol} | " + " | ".join(cells) + " |")
         one = data.get("one_process_pss_mib", float("nan"))
         add("")
         add(f"Memory: whole stack idle {stack['idle_pss_mib']:.0f} MiB PSS "
@@ -477,7 +525,11 @@ def main(argv=None) -> int:
         data["one_process_pss_mib"] = one_process_pss(weights, default_mode, {})
         print(f"  {data['one_process_pss_mib']:.0f} MiB", flush=True)
         print("stack:", flush=True)
-        data["stack"] = stack_section(weights, images, args, {})
+        from common.detector import Detector
+
+        local = Detector.from_settings(settings_for(weights, default_mode))
+        data["stack"] = stack_section(weights, images, args, {}, local.detect)
+        del local
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{args.label}.json"
     out.write_text(json.dumps(data, indent=1))  # first, so that a report bug loses nothing
