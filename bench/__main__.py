@@ -238,14 +238,6 @@ def latency(stack, image_urls: dict, repeats: int, local_detect) -> dict:
     return result
 
 
-def in_process_seconds(local_detect, image, calls: int = 2) -> float:
-    """Seconds for ``calls`` detections in this process, back to back."""
-    start = time.perf_counter()
-    for _ in range(calls):
-        local_detect(image)
-    return time.perf_counter() - start
-
-
 def load(stack, url: str, protocol: str, count: int, duration: float, on_tick=None):
     """``count`` clients calling back to back for ``duration`` s; [(start, end)] of the calls that
     started within it, the number of errors, and the start time. ``on_tick`` runs every 0.5 s."""
@@ -294,11 +286,15 @@ def throughput(stack, url: str, image, concurrency: list[int], duration: float, 
     before and right after it, for the same reason as in ``latency``."""
     result = {"duration": duration, "runs": {}}
     calls = 2
-    local_before = in_process_seconds(local_detect, image, calls)
+
+    def in_process_seconds():  # ``calls`` detections in this process, back to back
+        return sum(timed(lambda: local_detect(image), calls)[1])
+
+    local_before = in_process_seconds()
     for protocol in ("http", "grpc", "mixed"):
         for count in concurrency:
             done, errors, began = load(stack, url, protocol, count, duration)
-            local_after = in_process_seconds(local_detect, image, calls)
+            local_after = in_process_seconds()
             local_rate = 2 * calls / (local_before + local_after)
             local_before = local_after  # the next run's "before"
             # Every call started within the window counts, and the clock runs until the last one
@@ -326,18 +322,16 @@ def stack_section(weights: Path, images, args, mode_env: dict, local_detect) -> 
     """The real stack; ``local_detect(image)`` is the same detect path in this process, measured
     beside it for the ratios."""
     sys.path.insert(0, str(REPO))
-    import io
-
-    from PIL import Image
-
     from bench.images import jpeg
+    from common.config import Settings
+    from common.decode import decode_image
     from tests.helpers import ImageServer, Stack
 
     server = ImageServer()
     urls = {}  # name -> (URL of the JPEG served, the pixels the servers decode from it)
     for name, image in images:
         data = jpeg(image)
-        urls[name] = (server.add(f"/{name}.jpg", data), Image.open(io.BytesIO(data)).convert("RGB"))
+        urls[name] = (server.add(f"/{name}.jpg", data), decode_image(data, Settings().max_image_pixels))
     workdir = Path(tempfile.mkdtemp(prefix="bench-stack-"))
     env = {"WEIGHTS_FILE": str(weights), "ALLOWED_PRIVATE_TARGETS": f"127.0.0.1:{server.port}",
            "TORCH_THREADS": os.environ.get("TORCH_THREADS", "0"), **mode_env}
@@ -487,7 +481,7 @@ def main(argv=None) -> int:
 
     from bench.checkpoint import cached_checkpoint
     from bench.images import image_set
-    from common.detector import hub_checkpoint_path
+    from common.detector import Detector, hub_checkpoint_path
 
     if args.report:  # print the table of an earlier run's JSON
         print(report(json.loads(Path(args.report).read_text())))
@@ -525,8 +519,6 @@ def main(argv=None) -> int:
         data["one_process_pss_mib"] = one_process_pss(weights, default_mode, {})
         print(f"  {data['one_process_pss_mib']:.0f} MiB", flush=True)
         print("stack:", flush=True)
-        from common.detector import Detector
-
         local = Detector.from_settings(settings_for(weights, default_mode))
         data["stack"] = stack_section(weights, images, args, {}, local.detect)
         del local
