@@ -1,4 +1,4 @@
-# Instance detector: gunicorn (HTTP, 8080) and the gRPC server (9090) under supervisord.
+# Instance detector: one model process, gunicorn (HTTP, 8080) and the gRPC server (9090) under supervisord.
 #
 #   docker build -t instance-detector .                         # CPU wheels, COCO_V1 weights baked in
 #   docker build --build-arg TORCH_INDEX_URL= -t instance-detector .   # torch from the ordinary index
@@ -36,7 +36,7 @@ RUN python -m venv "$VIRTUAL_ENV" \
         -r "$VIRTUAL_ENV/torch-pins.txt"
 
 # 2. The COCO_V1 weights, into the torch hub cache where the service looks for them when
-#    WEIGHTS_FILE is empty (same call as common/detector.py, hash checked).
+#    WEIGHTS_FILE is empty (same call as common/model/weights.py, hash checked).
 ARG DOWNLOAD_WEIGHTS=true
 RUN if [ "$DOWNLOAD_WEIGHTS" = "true" ]; then \
         python -c "from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights as W; \
@@ -54,7 +54,7 @@ RUN pip install --no-cache-dir -r /tmp/requirements.txt -c "$VIRTUAL_ENV/torch-p
 
 # A user of its own; RUN_DIR (supervisord's pid file and socket, gunicorn's control socket, the
 # model process's socket, the Prometheus multiprocess files) is the only place it writes.
-# ACCEL_CACHE_DIR holds the OpenVINO graph converted from the weights (common/accel.py); the
+# ACCEL_CACHE_DIR holds the OpenVINO graph converted from the weights (common/model/accel); the
 # service may write it, so that a container with mounted weights converts once per container.
 ENV RUN_DIR=/tmp/instance-detector \
     ACCEL_CACHE_DIR=/opt/accel-cache
@@ -76,17 +76,17 @@ RUN python -m grpc_app.codegen \
 
 # With the weights baked in, convert the exact detect path's graph now, not at every start.
 RUN if [ "$DOWNLOAD_WEIGHTS" = "true" ]; then \
-        python -m common.accel && chown -R app:app "$ACCEL_CACHE_DIR"; \
+        python -m common.model && chown -R app:app "$ACCEL_CACHE_DIR"; \
     fi
 
 USER 10001:10001
 EXPOSE 8080 9090
 
-# Ready = this HTTP worker has its model loaded (/readyz 200). Loading takes a while on a
-# cold CPU, hence the start period.
+# Ready = the model process has its model loaded and the HTTP server can reach it (/readyz 200).
+# Loading takes a while on a cold CPU, hence the start period.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; host = os.environ.get('BIND_HOST', '') or '0.0.0.0'; host = '127.0.0.1' if host in ('0.0.0.0', '::') else host; host = f'[{host}]' if ':' in host else host; urllib.request.urlopen(f\"http://{host}:{os.environ.get('HTTP_PORT', '') or '8080'}/readyz\", timeout=4)"]
 
-# supervisord in the foreground as PID 1: it restarts a crashed server, and on SIGTERM
-# (docker stop) stops both servers gracefully, then exits 0.
+# supervisord in the foreground as PID 1: it restarts a crashed process, and on SIGTERM
+# (docker stop) stops both servers gracefully, then the model process, then exits 0.
 ENTRYPOINT ["/opt/venv/bin/supervisord", "-c", "/app/supervisord.conf"]

@@ -1,12 +1,26 @@
-"""The one exception hierarchy of the data plane.
+"""The one exception hierarchy of the service.
 
-Each server maps these classes to its own protocol in exactly one place
-(``http_app.errors`` and ``grpc_app.server``). Messages are safe to show to clients.
+``DetectionError`` and its subclasses are what a request can fail with; each server maps them to
+its own protocol in exactly one place (``http_app.app.HTTP_STATUS`` and
+``grpc_app.server.GRPC_STATUS``). Their messages are safe to show to clients. ``ConfigError`` and
+``ModelLoadError`` are start-up failures: the process (or its model) cannot run as configured.
 """
 
 
-class DetectionError(Exception):
-    """Base class: a request that could not be answered, with a client-safe message."""
+class ServiceError(Exception):
+    """Base class of every error this service raises on purpose."""
+
+
+class ConfigError(ServiceError, ValueError):
+    """An environment variable holds a value that cannot be used."""
+
+
+class ModelLoadError(ServiceError):
+    """The configured weights could not be loaded; the message says which setting to fix."""
+
+
+class DetectionError(ServiceError):
+    """A request that could not be answered, with a client-safe message."""
 
     code = "internal"
 

@@ -68,8 +68,8 @@ class ImageFetcher:
                                      "Accept-Encoding": "identity"})
 
     def fetch(self, url: str) -> bytes:
+        """The body at ``url``, a URL as ``validate_url`` returns it (redirects are validated here)."""
         settings = self.settings
-        url = validate_url(url, settings.max_url_length)
         deadline = time.monotonic() + settings.fetch_total_timeout
         for _hop in range(settings.fetch_max_redirects + 1):
             response = self._get(url, deadline)

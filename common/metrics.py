@@ -1,6 +1,6 @@
 """Prometheus metrics in multiprocess mode, shared by the gunicorn workers and the gRPC server.
 
-All processes write their samples into one directory (``PROMETHEUS_MULTIPROC_DIR``); the HTTP
+All processes write their samples into one directory (``$RUN_DIR/metrics``); the HTTP
 ``/metrics`` endpoint sums them, so one scrape of port 8080 shows both protocols' counters.
 
 prometheus_client picks multiprocess mode when it is first imported, so every function here

@@ -21,7 +21,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 
-from common.config import ConfigError
+from common.errors import ConfigError
 from common.errors import ForbiddenTarget
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import threading
 import time
 from concurrent import futures
@@ -15,15 +13,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common import errors, metrics
-from common.config import Settings
+from common.config import STOP_GRACE_SECONDS, Settings
 from common.logs import configure_logging
+from common.model import open_model
 from common.pipeline import DetectionService
+from common.process import exit_now, wait_for_stop_signal
 from grpc_app.stubs import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InstanceDetector"].full_name
-STOP_GRACE_SECONDS = 25.0
 READINESS_POLL_SECONDS = 1.0
 
 # The one place where data-plane errors become gRPC status codes.
@@ -121,25 +120,18 @@ def _report_readiness(service: DetectionService, health_servicer) -> None:
 def serve(settings: Settings | None = None) -> None:
     """Run until SIGTERM/SIGINT, then stop gracefully: in-flight calls get STOP_GRACE_SECONDS."""
     settings = settings or Settings.from_env()
-    configure_logging("grpc")
+    configure_logging("grpc", settings.log_level)
     metrics.init_multiprocess(settings)
-    service = DetectionService(settings).start_loading()
+    service = DetectionService(settings, open_model(settings)).start_loading()
     server, health_servicer = build_server(settings, service)
     threading.Thread(target=_report_readiness, args=(service, health_servicer),
                      name="readiness", daemon=True).start()
-
-    stop_requested = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop_requested.set())
-    stop_requested.wait()
+    wait_for_stop_signal()
     log.info("stopping: refusing new calls, finishing in-flight ones")
     health_servicer.enter_graceful_shutdown()
     server.stop(STOP_GRACE_SECONDS).wait()
     log.info("gRPC server stopped")
-    logging.shutdown()
-    # A call cancelled at the end of the grace period may still be inside the model; the
-    # executor would join its thread at exit and make supervisord wait, then SIGKILL.
-    os._exit(0)
+    exit_now()
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from common import errors, metrics
 from common.config import Settings
 from common.logs import configure_logging
+from common.model import open_model
 from common.pipeline import DetectionService
 
 log = logging.getLogger(__name__)
@@ -51,13 +52,13 @@ def _json_body(limit: int):
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app and start loading this process's model in the background."""
     settings = settings or Settings.from_env()
-    configure_logging("http")
+    configure_logging("http", settings.log_level)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR") != settings.metrics_dir or not os.path.isdir(
         settings.metrics_dir
     ):
         metrics.init_multiprocess(settings)  # run outside gunicorn.conf.py's on_starting hook
     inference_count = metrics.inference_counter("http")
-    service = DetectionService(settings).start_loading()
+    service = DetectionService(settings, open_model(settings)).start_loading()
 
     app = Flask(__name__)
     # one byte more than allowed: a chunked body werkzeug cuts at its limit still shows as too long

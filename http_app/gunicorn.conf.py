@@ -14,8 +14,9 @@ bind = [f"{_settings.bind_host}:{_settings.http_port}"]
 workers = _settings.http_workers
 threads = _settings.http_threads
 worker_class = "gthread" if _settings.http_threads > 1 else "sync"
-# A request may wait for the model to load and for a slow image host before inference.
-timeout = int(_settings.model_wait_timeout + _settings.fetch_total_timeout + 60)
+# A request may wait for the model to load and for a slow image host before inference; the
+# model client's own deadline expires first, so a worker is never killed mid-request.
+timeout = int(_settings.request_deadline)
 graceful_timeout = 30
 accesslog = "-"
 errorlog = "-"

@@ -1,7 +1,7 @@
 """Score a running service on labelled images, the way the course's CI does.
 
-    python -m common.evaluate --labels labels.json --image-base-url http://images.cocodataset.org/val2017
-    python -m common.evaluate --labels labels.json --images ./val2017 --protocol both --min-mean 0.5
+    python -m client.evaluate --labels labels.json --image-base-url http://images.cocodataset.org/val2017
+    python -m client.evaluate --labels labels.json --images ./val2017 --protocol both --min-mean 0.5
 
 ``labels.json`` maps image names to their true labels: ``{"000000039769.jpg": ["cat", "cat", ...]}``.
 Each image scores ``2 * matches / (len(truth) + len(predicted))`` (multiset matches; 1.0 when
@@ -85,7 +85,7 @@ def evaluate(labels: dict[str, list[str]], base_url: str, predict, out=None) -> 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m common.evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m client.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--labels", required=True, help='JSON file: {"image name": ["label", ...]}')
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image-base-url", help="URL prefix the image names are appended to")

@@ -1,4 +1,4 @@
-"""Mask R-CNN (torchvision ``maskrcnn_resnet50_fpn``) with verified weights, answering COCO names.
+"""Where the weights come from, and the torchvision architecture they are loaded into.
 
 Weights come from exactly one source, chosen by configuration:
 - ``WEIGHTS_FILE`` unset: torchvision's ``MaskRCNN_ResNet50_FPN_Weights.COCO_V1`` through its
@@ -11,25 +11,18 @@ the model is never served with untrained weights.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 
 import torch
-from PIL import Image
-from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights, maskrcnn_resnet50_fpn
-from torchvision.transforms.functional import pil_to_tensor
+from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights, maskrcnn_resnet50_fpn
 
 from common.config import Settings
-from common.cpugate import CpuGate
+from common.errors import ModelLoadError
 
-log = logging.getLogger(__name__)
+StateDict = dict[str, torch.Tensor]
 
 COCO_WEIGHTS = MaskRCNN_ResNet50_FPN_Weights.COCO_V1
 COCO_CATEGORIES: list[str] = list(COCO_WEIGHTS.meta["categories"])
-
-
-class ModelLoadError(Exception):
-    """The configured weights could not be loaded; the message says which setting to fix."""
 
 
 def sha256_of(path: str) -> str:
@@ -40,12 +33,30 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
+def state_dict_sha256(state_dict: StateDict) -> str:
+    """A digest of the tensors themselves (names, dtypes, shapes, bytes), whatever the file."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def hub_checkpoint_path() -> str:
     """Where torchvision's weights API keeps the COCO_V1 file in the torch hub cache."""
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(COCO_WEIGHTS.url))
 
 
-def _state_dict_from_file(path: str, expected_sha256: str) -> dict:
+def load_state_dict(settings: Settings) -> StateDict:
+    """The configured weights as a state dict (tensors memory-mapped where they come from a file)."""
+    if settings.weights_file:
+        return _state_dict_from_file(settings.weights_file, settings.weights_sha256)
+    return _state_dict_from_torchvision()
+
+
+def _state_dict_from_file(path: str, expected_sha256: str) -> StateDict:
     if not os.path.isfile(path):
         raise ModelLoadError(f"WEIGHTS_FILE={path} does not exist or is not a file")
     if expected_sha256:
@@ -70,14 +81,14 @@ def _state_dict_from_file(path: str, expected_sha256: str) -> dict:
     return loaded
 
 
-def _state_dict_from_torchvision() -> dict:
+def _state_dict_from_torchvision() -> StateDict:
     cached = hub_checkpoint_path()
     if os.path.isfile(cached):
         # What get_state_dict would load (its hash is checked when it is downloaded), but mapped
         # into memory so that every process of the stack shares its pages.
         try:
             return torch.load(cached, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # noqa: BLE001 - let torchvision's own loader report the problem
+        except Exception:  # noqa: BLE001, S110 - let torchvision's own loader report the problem
             pass
     try:
         return COCO_WEIGHTS.get_state_dict(progress=False, check_hash=True)
@@ -89,7 +100,7 @@ def _state_dict_from_torchvision() -> dict:
         ) from None
 
 
-def build_model(state_dict: dict, score_threshold: float) -> torch.nn.Module:
+def build_model(state_dict: StateDict, score_threshold: float) -> MaskRCNN:
     """The torchvision architecture with ``state_dict`` loaded strictly, in eval mode."""
     model = maskrcnn_resnet50_fpn(
         weights=None, weights_backbone=None, num_classes=len(COCO_CATEGORIES),
@@ -103,53 +114,3 @@ def build_model(state_dict: dict, score_threshold: float) -> torch.nn.Module:
             f"{str(exc)[:300]}"
         ) from None
     return model.eval()
-
-
-class Detector:
-    """One loaded model; ``detect`` is thread-safe and runs one forward pass at a time."""
-
-    def __init__(self, model, categories: list[str], mode: str = "eager", gate_path: str | None = None):
-        self.model = model  # callable like torchvision's model in eval mode: [tensor] -> [dict]
-        self.categories = categories
-        self.mode = mode  # the detect path actually used (see common/accel.py)
-        # Two passes at once would only fight over the same cores: one at a time in this process,
-        # and with gate_path (a file in RUN_DIR) one at a time across all processes of the stack.
-        self._lock = CpuGate(gate_path)
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> "Detector":
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-        if settings.weights_file:
-            state_dict = _state_dict_from_file(settings.weights_file, settings.weights_sha256)
-        else:
-            state_dict = _state_dict_from_torchvision()
-        model = build_model(state_dict, settings.score_threshold)
-        gate = os.path.join(settings.run_dir, "inference.lock") if settings.shared_inference_lock else None
-        if settings.detect_mode == "eager":
-            return cls(model, COCO_CATEGORIES, "eager", gate)
-        from common import accel
-
-        try:
-            accelerated, mode = accel.build(
-                model, accel.state_dict_sha256(state_dict), settings.detect_mode,
-                cache_dir=settings.accel_cache_dir, threads=settings.torch_threads,
-                roi_align_threads=settings.roi_align_threads, winograd=bool(settings.winograd))
-        except Exception:  # noqa: BLE001 - the eager model gives the same answers, only slower
-            log.exception("DETECT_MODE=%s could not be set up; running torchvision eager instead",
-                          settings.detect_mode)
-            return cls(build_model(state_dict, settings.score_threshold), COCO_CATEGORIES, "eager", gate)
-        log.info("detect path: %s", mode)
-        return cls(accelerated, COCO_CATEGORIES, mode, gate)
-
-    def detect_raw(self, image: Image.Image) -> dict:
-        """The model's output for ``image``: ``boxes`` (x1, y1, x2, y2 in pixels), ``scores``,
-        ``labels`` (indices into ``categories``), best first."""
-        tensor = pil_to_tensor(image).float().div_(255.0)
-        with self._lock, torch.inference_mode():
-            return self.model([tensor])[0]
-
-    def detect(self, image: Image.Image) -> list[str]:
-        """COCO category names of the instances scoring above the threshold, best first."""
-        output = self.detect_raw(image)
-        return [self.categories[index] for index in output["labels"].tolist()]

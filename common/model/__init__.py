@@ -1,0 +1,37 @@
+"""The model: weights, the detector and its detect paths, and where it runs.
+
+A server gets its model from ``open_model(settings)``: under supervisord (``MODEL_PROCESS=1``) a
+``RemoteModel``, the client of the stack's one model process (``python -m common.model.server``);
+otherwise a ``LocalModel`` loaded in this process. Both offer the ``Model`` interface. Importing
+this package does not import torch: a server whose model lives in the model process never does.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from PIL import Image
+
+from common.config import Settings
+from common.model.local import LocalModel
+from common.model.remote import RemoteModel
+
+
+class Model(Protocol):
+    def start(self) -> None:
+        """Begin loading, if this object loads the model itself (returns at once)."""
+
+    def status(self) -> tuple[str, str]:
+        """(state, message): state is 'ready', 'loading' or 'failed'."""
+
+    def check_usable(self) -> None:
+        """Raise ``NotReady`` at once if the model cannot answer (e.g. its weights failed to load)."""
+
+    def detect(self, image: Image.Image) -> list[str]:
+        """COCO category names of the instances above the threshold, best first; waits (up to
+        ``MODEL_WAIT_TIMEOUT``) while the model is still loading."""
+
+
+def open_model(settings: Settings) -> Model:
+    """The model a server uses, as configured; not yet started."""
+    return RemoteModel(settings) if settings.model_process else LocalModel(settings)

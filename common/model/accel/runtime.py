@@ -1,0 +1,133 @@
+"""The exact and fast detect paths at run time: the converted graph plus torchvision's own code.
+
+``AcceleratedMaskRCNN`` is called like torchvision's model in eval mode and gives the same answers:
+- backbone + FPN + RPN head run as the OpenVINO graph (``common.model.accel.graph``), fp32 for
+  ``exact`` (set explicitly: OpenVINO's CPU default is bf16 where the CPU has it), bf16 for ``fast``;
+- everything else is torchvision's own code, called piece by piece exactly as
+  ``GeneralizedRCNN.forward`` calls it (transform, anchors, proposal decoding and NMS, box head,
+  post-processing), except that the box RoIAlign over the 1000 proposals, which torchvision runs
+  single-threaded over all channels at once, runs in blocks of ``ROI_ALIGN_CHANNEL_BLOCK`` channels
+  spread over ``ROI_ALIGN_THREADS`` threads (each value is one box's one channel, computed by
+  torchvision's kernel: the result is bit-identical);
+- the mask branch is skipped: the service answers category names only, and masks never change
+  labels, scores or boxes.
+It is not thread-safe (it reuses the graph's buffers): ``Detector`` runs one pass at a time.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torchvision.models.detection.rpn import concat_box_prediction_layers
+from torchvision.ops.poolers import _multiscale_roi_align, _setup_scales
+
+from common.model.accel.backend import AccelUnavailable, openvino_module
+from common.model.accel.cache import converted_graph_path, default_cache_dir
+from common.model.accel.graph import FEATURE_NAMES, FPN_LEVELS, SIZE_DIVISIBLE
+
+ROI_ALIGN_CHANNEL_BLOCK = 32  # channels per RoIAlign call (see AcceleratedMaskRCNN._box_roi_align)
+
+
+class AcceleratedMaskRCNN:
+    """Callable like the torchvision model in eval mode (``model([tensor]) -> [dict]``), no masks."""
+
+    def __init__(self, model, weights_sha256: str, *, precision: str = "f32", cache_dir: str = "",
+                 threads: int = 0, roi_align_threads: int = 2, winograd=()):
+        ov = openvino_module()
+        self.model = model
+        self.precision = precision
+        self.winograd = tuple(winograd)
+        if set(winograd) & set(FPN_LEVELS) and model.transform.size_divisible % SIZE_DIVISIBLE:
+            raise AccelUnavailable(f"Winograd on FPN levels needs images padded to a multiple of "
+                                   f"{SIZE_DIVISIBLE}, the model pads to {model.transform.size_divisible}")
+        core = ov.Core()
+        threads = threads or torch.get_num_threads()
+        xml = converted_graph_path(model, weights_sha256, cache_dir or default_cache_dir(),
+                                   winograd)
+        config = {
+            "INFERENCE_PRECISION_HINT": precision,
+            "INFERENCE_NUM_THREADS": threads,
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+        }
+        self.compiled = core.compile_model(core.read_model(str(xml)), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        # The torch copies of what the graph now does are no longer needed.
+        model.backbone = None
+        model.rpn.head = None
+        self.roi_align_threads = max(1, roi_align_threads)
+        self._pool = (ThreadPoolExecutor(self.roi_align_threads - 1, thread_name_prefix="roi-align")
+                      if self.roi_align_threads > 1 else None)
+
+    # -- pieces ------------------------------------------------------------------------
+
+    def _graph(self, batch: torch.Tensor):
+        self.request.infer({0: batch.numpy()}, share_inputs=True)
+        # views of the request's buffers: valid until the next infer (callers run one at a time)
+        outputs = [torch.from_numpy(self.request.get_output_tensor(i).data) for i in range(15)]
+        features = OrderedDict(zip(FEATURE_NAMES, outputs[:5]))
+        return features, outputs[5:10], outputs[10:15]
+
+    def _box_roi_align(self, features, proposals, image_shapes):
+        """torchvision's ``MultiScaleRoIAlign`` for the box head, in channel blocks spread over
+        threads. Every output value is computed exactly as torchvision does (each is one channel of
+        one box): only the order of the work changes. Blocks of ``ROI_ALIGN_CHANNEL_BLOCK``
+        channels keep the feature planes the 1000 boxes read from in cache (measured 1.6-2x faster
+        than all channels at once); torchvision's CPU kernel is single-threaded and releases the
+        GIL, so blocks pooled on two threads use both cores."""
+        pool = self.model.roi_heads.box_roi_pool
+        x = [features[name] for name in pool.featmap_names]
+        if pool.scales is None or pool.map_levels is None:
+            pool.scales, pool.map_levels = _setup_scales(x, image_shapes, pool.canonical_scale,
+                                                         pool.canonical_level)
+
+        def run(blocks):
+            with torch.inference_mode():
+                return [_multiscale_roi_align([level[:, start:stop] for level in x], proposals,
+                                              pool.output_size, pool.sampling_ratio, pool.scales,
+                                              pool.map_levels)
+                        for start, stop in blocks]
+
+        channels = x[0].shape[1]
+        blocks = [(start, min(start + ROI_ALIGN_CHANNEL_BLOCK, channels))
+                  for start in range(0, channels, ROI_ALIGN_CHANNEL_BLOCK)]
+        count = min(self.roi_align_threads if self._pool else 1, len(blocks))
+        groups = [blocks[i * len(blocks) // count:(i + 1) * len(blocks) // count] for i in range(count)]
+        futures = [self._pool.submit(run, group) for group in groups[1:]]
+        outputs = run(groups[0])
+        for future in futures:
+            outputs += future.result()
+        return torch.cat(outputs, dim=1)
+
+    # -- forward -----------------------------------------------------------------------
+
+    def __call__(self, images: list[torch.Tensor]) -> list[dict]:
+        if len(images) != 1:
+            raise ValueError("one image at a time")
+        model = self.model
+        with torch.inference_mode():
+            original_sizes = [tuple(image.shape[-2:]) for image in images]
+            image_list, _ = model.transform(images)
+            features, objectness, deltas = self._graph(image_list.tensors)
+
+            # RegionProposalNetwork.forward, from its head's outputs on
+            rpn = model.rpn
+            anchors = rpn.anchor_generator(image_list, list(features.values()))
+            num_anchors_per_level = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
+            objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+            proposals = rpn.box_coder.decode(deltas, anchors).view(len(anchors), -1, 4)
+            proposals, _ = rpn.filter_proposals(proposals, objectness, image_list.image_sizes,
+                                                num_anchors_per_level)
+
+            # RoIHeads.forward (inference, boxes only)
+            heads = model.roi_heads
+            box_features = self._box_roi_align(features, proposals, image_list.image_sizes)
+            box_features = heads.box_head(box_features)
+            class_logits, box_regression = heads.box_predictor(box_features)
+            boxes, scores, labels = heads.postprocess_detections(
+                class_logits, box_regression, proposals, image_list.image_sizes)
+            detections = [{"boxes": b, "labels": l, "scores": s}
+                          for b, s, l in zip(boxes, scores, labels)]
+            return model.transform.postprocess(detections, image_list.image_sizes, original_sizes)

@@ -1,0 +1,64 @@
+"""One loaded Mask R-CNN answering COCO category names, on the detect path ``DETECT_MODE`` chose."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
+
+from common.config import Settings
+from common.model import accel
+from common.model.weights import COCO_CATEGORIES, build_model, load_state_dict, state_dict_sha256
+
+log = logging.getLogger(__name__)
+
+# torchvision's detection models in eval mode, and the accelerated path, take a list of image
+# tensors and give one dict of tensors per image.
+DetectFunction = Callable[[list[torch.Tensor]], list[dict[str, torch.Tensor]]]
+
+
+class Detector:
+    """One loaded model; ``detect`` is thread-safe and runs one forward pass at a time (two at
+    once would only fight over the same cores, and the accelerated path reuses its buffers)."""
+
+    def __init__(self, model: DetectFunction, categories: list[str], mode: str = "eager"):
+        self.model = model
+        self.categories = categories
+        self.mode = mode  # the detect path actually used (see common/model/accel)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Detector:
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        state_dict = load_state_dict(settings)
+        model = build_model(state_dict, settings.score_threshold)
+        if settings.detect_mode == "eager":
+            return cls(model, COCO_CATEGORIES, "eager")
+        try:
+            accelerated, mode = accel.build(
+                model, state_dict_sha256(state_dict), settings.detect_mode,
+                cache_dir=settings.accel_cache_dir, threads=settings.torch_threads,
+                roi_align_threads=settings.roi_align_threads, winograd=settings.winograd)
+        except Exception:  # noqa: BLE001 - the eager model gives the same answers, only slower
+            log.exception("DETECT_MODE=%s could not be set up; running torchvision eager instead",
+                          settings.detect_mode)
+            return cls(build_model(state_dict, settings.score_threshold), COCO_CATEGORIES, "eager")
+        log.info("detect path: %s", mode)
+        return cls(accelerated, COCO_CATEGORIES, mode)
+
+    def detect_raw(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        """The model's output for ``image``: ``boxes`` (x1, y1, x2, y2 in pixels), ``scores``,
+        ``labels`` (indices into ``categories``), best first."""
+        tensor = pil_to_tensor(image).float().div_(255.0)
+        with self._lock, torch.inference_mode():
+            return self.model([tensor])[0]
+
+    def detect(self, image: Image.Image) -> list[str]:
+        """COCO category names of the instances scoring above the threshold, best first."""
+        output = self.detect_raw(image)
+        return [self.categories[index] for index in output["labels"].tolist()]

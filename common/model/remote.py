@@ -1,0 +1,85 @@
+"""The stack's model process seen from a server (``common.model.server`` is the other side)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import grpc
+from PIL import Image
+
+from common.config import DETECT_ALLOWANCE_SECONDS, Settings
+from common.errors import DetectionError, NotReady, TooLarge
+from common.model.wire import DETECT, STATUS, max_message_bytes, pack_image
+
+log = logging.getLogger(__name__)
+
+STATUS_TIMEOUT = 2.0
+
+
+class RemoteModel:
+    """The ``Model`` interface over the model process's Unix socket.
+
+    The model's state is asked with a ``Status`` call only while it is not known to be ready
+    (readiness probes keep asking; a ``Detect`` that finds the model gone forgets it), so a
+    request to a ready model costs one call, ``Detect``."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._channel = grpc.insecure_channel(
+            f"unix:{settings.model_socket}",
+            options=[("grpc.max_send_message_length", max_message_bytes(settings)),
+                     ("grpc.max_receive_message_length", 1 << 20)])
+        self._detect = self._channel.unary_unary(DETECT)
+        self._status = self._channel.unary_unary(STATUS)
+        self._known_ready = False
+
+    def start(self) -> None:
+        """Nothing to do: the model process loads on its own."""
+
+    def status(self) -> tuple[str, str]:
+        """(state, message) as the model process reports it; 'loading' while it cannot be reached."""
+        try:
+            reply = json.loads(self._status(b"", timeout=STATUS_TIMEOUT))
+            state, message = reply["state"], reply["message"]
+        except grpc.RpcError:
+            state, message = "loading", "the model process is not answering yet (starting or restarting)"
+        self._known_ready = state == "ready"
+        return state, message
+
+    def check_usable(self) -> None:
+        """NotReady at once if the model failed to load (still loading: ``detect`` waits)."""
+        if self._known_ready:
+            return
+        state, message = self.status()
+        if state == "failed":
+            raise NotReady(f"model not loaded: {message}")
+
+    def detect(self, image: Image.Image) -> list[str]:
+        try:
+            return self._call_detect(image)
+        except NotReady:
+            self._known_ready = False
+            raise
+
+    def _call_detect(self, image: Image.Image) -> list[str]:
+        try:  # a process being (re)started by supervisord gets MODEL_WAIT_TIMEOUT to come up
+            grpc.channel_ready_future(self._channel).result(timeout=self.settings.model_wait_timeout)
+        except grpc.FutureTimeoutError:
+            raise NotReady("the model process is not reachable (starting, restarting or stopped); "
+                           "try again shortly") from None
+        try:
+            reply = self._detect(pack_image(image), wait_for_ready=True,
+                                 timeout=self.settings.model_wait_timeout + DETECT_ALLOWANCE_SECONDS)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.FAILED_PRECONDITION:
+                raise NotReady(exc.details()) from None
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # only with MAX_IMAGE_PIXELS above ~700 M
+                raise TooLarge("the decoded image is too large to pass to the model") from None
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise NotReady("the model process did not answer in time (starting, restarting or "
+                               "overloaded); try again shortly") from None
+            log.error("model process call failed: %s %s", code, exc.details())
+            raise DetectionError("internal error in the model process; see the service log") from None
+        return json.loads(reply)["objects"]

@@ -1,0 +1,103 @@
+"""The stack's one model process: ``python -m common.model.server``.
+
+Under supervisord the gunicorn workers and the gRPC server do not load the model themselves:
+each would hold its own copy of the network and all of them would take turns on the same cores
+anyway. This process loads it once and answers ``Detect`` calls on a Unix socket
+(``$RUN_DIR/model.sock``, mode 0600; protocol in ``common.model.wire``). The servers keep doing
+everything else themselves (URL checks, the SSRF-guarded fetch, decoding, limits) and send only
+decoded pixels, so nothing that reaches this process comes from a client unchecked, and fetching
+for one request overlaps with the forward pass of another.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from concurrent import futures
+
+import grpc
+
+from common.config import STOP_GRACE_SECONDS, Settings
+from common.errors import NotReady
+from common.logs import configure_logging
+from common.model.local import LocalModel
+from common.model.wire import SERVICE, max_message_bytes, unpack_image
+from common.process import exit_now, wait_for_stop_signal
+
+log = logging.getLogger("common.model.server")  # also when run as __main__
+
+# Threads beyond the servers' own concurrency, so that Status calls (readiness) never queue
+# behind Detect calls waiting for the model.
+STATUS_THREADS = 8
+
+
+class ModelServicer:
+    def __init__(self, model: LocalModel):
+        self.model = model
+
+    def detect(self, payload: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            image = unpack_image(payload)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            objects = self.model.detect(image)
+        except NotReady as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, exc.message)
+        except Exception:  # noqa: BLE001 - the caller gets INTERNAL, the log gets the traceback
+            log.exception("detect failed")
+            context.abort(grpc.StatusCode.INTERNAL, "detect failed; see the model process log")
+        return json.dumps({"objects": objects}).encode()
+
+    def status(self, _payload: bytes, _context: grpc.ServicerContext) -> bytes:
+        state, message = self.model.status()
+        return json.dumps({"state": state, "message": message}).encode()
+
+
+def _server_threads(settings: Settings) -> int:
+    """One thread per request the servers can have in flight at once (each waits for the model
+    here), plus STATUS_THREADS."""
+    return settings.http_workers * settings.http_threads + settings.grpc_threads + STATUS_THREADS
+
+
+def build_server(settings: Settings, model: LocalModel) -> grpc.Server:
+    """A started server on the model socket."""
+    path = settings.model_socket
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if os.path.exists(path):
+        os.unlink(path)  # left by a process that was killed; supervisord's pid file keeps RUN_DIR ours
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=_server_threads(settings), thread_name_prefix="model"),
+        options=[("grpc.max_receive_message_length", max_message_bytes(settings))])
+    servicer = ModelServicer(model)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+        "Detect": grpc.unary_unary_rpc_method_handler(servicer.detect),
+        "Status": grpc.unary_unary_rpc_method_handler(servicer.status),
+    }),))
+    old_umask = os.umask(0o177)  # the socket file is created 0600: only this user may call
+    try:
+        if server.add_insecure_port(f"unix:{path}") == 0:
+            raise RuntimeError(f"cannot listen on unix:{path}")
+    finally:
+        os.umask(old_umask)
+    server.start()
+    log.info("model process listening on unix:%s", path)
+    return server
+
+
+def serve(settings: Settings | None = None) -> None:
+    """Load the model and answer until SIGTERM/SIGINT (supervisord stops this process last)."""
+    settings = settings or Settings.from_env()
+    configure_logging("model", settings.log_level)
+    model = LocalModel(settings)
+    server = build_server(settings, model)  # binds under a umask: before any other thread writes files
+    model.start()
+    wait_for_stop_signal()
+    log.info("stopping: finishing in-flight calls")
+    server.stop(STOP_GRACE_SECONDS).wait()
+    exit_now()
+
+
+if __name__ == "__main__":
+    serve()
