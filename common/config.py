@@ -86,8 +86,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ALLOWED_PRIVATE_TARGETS", "allowed_private_targets", _names, "user"),
     Setting("RUN_DIR", "run_dir", _text, "user"),
     Setting("ACCEL_CACHE_DIR", "accel_cache_dir", _text, "user"),
-    Setting("LOG_LEVEL", "log_level", _upper, "user",
-            choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
+    Setting(
+        "LOG_LEVEL", "log_level", _upper, "user", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+    ),
     # Limits on what a request may cost
     Setting("FETCH_CONNECT_TIMEOUT", "fetch_connect_timeout", float, "limits", minimum=0.001),
     Setting("FETCH_READ_TIMEOUT", "fetch_read_timeout", float, "limits", minimum=0.001),
@@ -166,12 +167,17 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
-        values = {setting.field: _parse(setting, env[setting.env])
-                  for setting in SETTINGS if env.get(setting.env, "").strip()}
+        values = {
+            setting.field: _parse(setting, env[setting.env])
+            for setting in SETTINGS
+            if env.get(setting.env, "").strip()
+        }
         settings = cls(**values)
         if settings.model_process and len(settings.model_socket.encode()) > MAX_SOCKET_PATH:
-            raise ConfigError(f"RUN_DIR={settings.run_dir!r} is too long: the model process's socket "
-                              f"path must fit in {MAX_SOCKET_PATH} bytes")
+            raise ConfigError(
+                f"RUN_DIR={settings.run_dir!r} is too long: the model process's socket "
+                f"path must fit in {MAX_SOCKET_PATH} bytes"
+            )
         return settings
 
 

@@ -29,8 +29,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             raise TooLarge(f"the image has more than {max_pixels} pixels") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             raise NotAnImage(
-                "the URL did not return an image in a supported format "
-                f"({', '.join(SUPPORTED_FORMATS)})"
+                f"the URL did not return an image in a supported format ({', '.join(SUPPORTED_FORMATS)})"
             ) from None
         width, height = image.size
         if width <= 0 or height <= 0:
@@ -63,7 +62,8 @@ def check_proportions(width: int, height: int) -> None:
     if math.floor(short * scale) < 1:
         raise NotAnImage(
             f"the image is {width}x{height}: too elongated to detect in (scaled to at most "
-            f"{MODEL_LONG_SIDE} pixels on its long side, its short side would vanish)")
+            f"{MODEL_LONG_SIDE} pixels on its long side, its short side would vanish)"
+        )
 
 
 def _upright(image: Image.Image) -> Image.Image:

@@ -37,9 +37,7 @@ def validate_url(url, max_length: int) -> str:
     except ValueError as exc:
         raise InvalidRequest(f"'url' is not a valid URL: {exc}") from None
     if parts.scheme.lower() not in ALLOWED_SCHEMES:
-        raise InvalidRequest(
-            f"'url' must use http or https, not {parts.scheme or 'no scheme'!r}"
-        )
+        raise InvalidRequest(f"'url' must use http or https, not {parts.scheme or 'no scheme'!r}")
     if not parts.hostname:
         raise InvalidRequest("'url' has no host")
     if not parts.hostname.startswith("["):
@@ -58,14 +56,17 @@ class ImageFetcher:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.session = requests.Session()
-        self.session.trust_env = False  # no proxies or netrc from the environment: they would bypass the guard
+        self.session.trust_env = (
+            False  # no proxies or netrc from the environment: they would bypass the guard
+        )
         # One session serves every client: never keep an image host's cookies for the next caller.
         self.session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
         adapter = GuardedHTTPAdapter(Allowlist.parse(settings.allowed_private_targets), max_retries=0)
         for scheme in ALLOWED_SCHEMES:
             self.session.mount(f"{scheme}://", adapter)
-        self.session.headers.update({"User-Agent": USER_AGENT, "Accept": "image/*",
-                                     "Accept-Encoding": "identity"})
+        self.session.headers.update(
+            {"User-Agent": USER_AGENT, "Accept": "image/*", "Accept-Encoding": "identity"}
+        )
 
     def fetch(self, url: str) -> bytes:
         """The body at ``url``, a URL as ``validate_url`` returns it (redirects are validated here)."""
@@ -93,8 +94,10 @@ class ImageFetcher:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise UpstreamTimeout("the image download exceeded its overall deadline")
-        timeout = (min(self.settings.fetch_connect_timeout, remaining),
-                   min(self.settings.fetch_read_timeout, remaining))
+        timeout = (
+            min(self.settings.fetch_connect_timeout, remaining),
+            min(self.settings.fetch_read_timeout, remaining),
+        )
         try:
             return self.session.get(url, stream=True, timeout=timeout, allow_redirects=False)
         except ForbiddenTarget:
@@ -140,9 +143,10 @@ class ImageFetcher:
             raise UpstreamFailed(f"the image download broke off: {_short(exc)}") from None
 
 
-def _short(exc: Exception) -> str:
+def _short(exc: BaseException) -> str:
     """The innermost cause's message: enough to diagnose, without urllib3's object reprs."""
-    while exc.__cause__ is not None or exc.__context__ is not None:
-        exc = exc.__cause__ or exc.__context__
+    inner: BaseException | None = exc
+    while inner is not None:
+        exc, inner = inner, inner.__cause__ or inner.__context__
     text = str(exc)
     return text if len(text) <= 200 else text[:200] + "..."

@@ -15,7 +15,8 @@ def configure_logging(process_name: str, level: str = "INFO") -> None:
     if any(isinstance(handler, _StackHandler) for handler in root.handlers):
         return
     handler = _StackHandler()
-    handler.setFormatter(logging.Formatter(
-        f"%(asctime)s [{process_name}:%(process)d] %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s [{process_name}:%(process)d] %(levelname)s %(name)s: %(message)s")
+    )
     root.addHandler(handler)
     root.setLevel(level)

@@ -21,8 +21,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 
-from common.errors import ConfigError
-from common.errors import ForbiddenTarget
+from common.errors import ConfigError, ForbiddenTarget
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -72,7 +71,7 @@ class Allowlist:
     endpoints: frozenset[tuple[IPAddress, int]] = frozenset()
 
     @classmethod
-    def parse(cls, entries) -> "Allowlist":
+    def parse(cls, entries) -> Allowlist:
         networks, endpoints = [], set()
         for entry in entries:
             try:
@@ -126,13 +125,11 @@ def resolve_and_check(host: str, port: int, allowlist: Allowlist) -> list[tuple]
     Raises socket.gaierror when the name does not resolve.
     """
     infos = socket.getaddrinfo(_lookup_name(host), port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-    for family, _type, _proto, _canon, sockaddr in infos:
-        ip = _normalise(ipaddress.ip_address(sockaddr[0].split("%", 1)[0]))
+    for _family, _type, _proto, _canon, sockaddr in infos:
+        ip = _normalise(ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0]))
         reason = non_public_reason(ip)
         if reason and not allowlist.permits(ip, port):
-            raise ForbiddenTarget(
-                f"refusing to fetch from {host!r}: it resolves to {ip}, a {reason} address"
-            )
+            raise ForbiddenTarget(f"refusing to fetch from {host!r}: it resolves to {ip}, a {reason} address")
     return infos
 
 
@@ -154,7 +151,9 @@ def connect_checked(host: str, port: int, timeout, allowlist: Allowlist, socket_
     raise last_error or OSError(f"no address to connect to for {host!r}")
 
 
-class _GuardedConnectionMixin:
+class _GuardedConnectionMixin(HTTPConnection):
+    """Mixed into urllib3's HTTP and HTTPS connections: connects through ``connect_checked``."""
+
     allowlist: Allowlist = Allowlist()
 
     def _new_conn(self):  # same error mapping as urllib3's own implementation
@@ -164,7 +163,7 @@ class _GuardedConnectionMixin:
             )
         except socket.gaierror as exc:
             raise NameResolutionError(self.host, self, exc) from exc
-        except socket.timeout as exc:
+        except TimeoutError as exc:
             raise ConnectTimeoutError(self, f"connection to {self.host} timed out") from exc
         except (OSError, UnicodeError, ValueError) as exc:  # UnicodeError: a name IDNA refuses
             raise NewConnectionError(self, f"failed to establish a new connection: {exc}") from exc

@@ -22,8 +22,14 @@ def generate(out_dir: Path = OUT_DIR, proto_dir: Path = PROTO_DIR) -> Path:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     protos = sorted(str(path) for path in proto_dir.glob("*.proto"))
-    args = ["grpc_tools.protoc", f"-I{proto_dir}", f"--python_out={out_dir}",
-            f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}", *protos]
+    args = [
+        "grpc_tools.protoc",
+        f"-I{proto_dir}",
+        f"--python_out={out_dir}",
+        f"--pyi_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        *protos,
+    ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed for {protos}")
     return out_dir

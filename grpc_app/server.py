@@ -57,14 +57,15 @@ class InstanceDetectorServicer(inference_pb2_grpc.InstanceDetectorServicer):
     def Predict(self, request, context):
         self.inference_count.inc()
         if request is UNPARSABLE:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          "invalid_request: the message is not a valid inference.InstanceDetectorInput")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "invalid_request: the message is not a valid inference.InstanceDetectorInput",
+            )
         try:
             objects = self.service.predict(request.url)
         except errors.DetectionError as exc:
-            context.abort(GRPC_STATUS.get(type(exc), grpc.StatusCode.INTERNAL),
-                          f"{exc.code}: {exc.message}")
-        except Exception:  # noqa: BLE001 - never leak a traceback to the client
+            context.abort(GRPC_STATUS.get(type(exc), grpc.StatusCode.INTERNAL), f"{exc.code}: {exc.message}")
+        except Exception:
             log.exception("unhandled error in Predict")
             context.abort(grpc.StatusCode.INTERNAL, "internal: internal error; see the service log")
         return inference_pb2.InstanceDetectorOutput(objects=objects)
@@ -83,15 +84,23 @@ def build_server(settings: Settings, service: DetectionService):
     servicer = InstanceDetectorServicer(service, metrics.inference_counter("grpc"))
     # Registered by hand rather than with the generated add_..._to_server, so that a message that
     # does not parse reaches Predict (INVALID_ARGUMENT) instead of failing inside gRPC (INTERNAL).
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
-        "Predict": grpc.unary_unary_rpc_method_handler(
-            servicer.Predict, request_deserializer=_parse_input,
-            response_serializer=inference_pb2.InstanceDetectorOutput.SerializeToString),
-    }),))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                SERVICE_NAME,
+                {
+                    "Predict": grpc.unary_unary_rpc_method_handler(
+                        servicer.Predict,
+                        request_deserializer=_parse_input,
+                        response_serializer=inference_pb2.InstanceDetectorOutput.SerializeToString,
+                    ),
+                },
+            ),
+        )
+    )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     address = f"{settings.bind_host}:{settings.grpc_port}"
@@ -110,8 +119,11 @@ def _report_readiness(service: DetectionService, health_servicer) -> None:
         now_serving = service.status()[0] == "ready"
         if now_serving != serving:
             serving = now_serving
-            status = (health_pb2.HealthCheckResponse.SERVING if serving
-                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
             for name in ("", SERVICE_NAME):
                 health_servicer.set(name, status)
         time.sleep(READINESS_POLL_SECONDS)
@@ -124,8 +136,9 @@ def serve(settings: Settings | None = None) -> None:
     metrics.init_multiprocess(settings)
     service = DetectionService(settings, open_model(settings)).start_loading()
     server, health_servicer = build_server(settings, service)
-    threading.Thread(target=_report_readiness, args=(service, health_servicer),
-                     name="readiness", daemon=True).start()
+    threading.Thread(
+        target=_report_readiness, args=(service, health_servicer), name="readiness", daemon=True
+    ).start()
     wait_for_stop_signal()
     log.info("stopping: refusing new calls, finishing in-flight ones")
     health_servicer.enter_graceful_shutdown()

@@ -13,7 +13,7 @@ if not (OUT_DIR / "inference_pb2_grpc.py").exists():
 if str(OUT_DIR) not in sys.path:
     sys.path.insert(0, str(OUT_DIR))
 
-import inference_pb2  # noqa: E402
-import inference_pb2_grpc  # noqa: E402
+import inference_pb2
+import inference_pb2_grpc
 
 __all__ = ["inference_pb2", "inference_pb2_grpc"]

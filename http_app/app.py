@@ -11,6 +11,7 @@ import logging
 import os
 
 from flask import Flask, Response, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from common import errors, metrics
@@ -63,7 +64,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     # one byte more than allowed: a chunked body werkzeug cuts at its limit still shows as too long
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes + 1
-    app.json.sort_keys = False
+    if isinstance(app.json, DefaultJSONProvider):
+        app.json.sort_keys = False  # answers keep their fields in the documented order
     app.extensions["detection_service"] = service
 
     @app.post("/predict")

@@ -41,12 +41,18 @@ class Detector:
             return cls(model, COCO_CATEGORIES, "eager")
         try:
             accelerated, mode = accel.build(
-                model, state_dict_sha256(state_dict), settings.detect_mode,
-                cache_dir=settings.accel_cache_dir, threads=settings.torch_threads,
-                roi_align_threads=settings.roi_align_threads, winograd=settings.winograd)
-        except Exception:  # noqa: BLE001 - the eager model gives the same answers, only slower
-            log.exception("DETECT_MODE=%s could not be set up; running torchvision eager instead",
-                          settings.detect_mode)
+                model,
+                state_dict_sha256(state_dict),
+                settings.detect_mode,
+                cache_dir=settings.accel_cache_dir,
+                threads=settings.torch_threads,
+                roi_align_threads=settings.roi_align_threads,
+                winograd=settings.winograd,
+            )
+        except Exception:
+            log.exception(
+                "DETECT_MODE=%s could not be set up; running torchvision eager instead", settings.detect_mode
+            )
             return cls(build_model(state_dict, settings.score_threshold), COCO_CATEGORIES, "eager")
         log.info("detect path: %s", mode)
         return cls(accelerated, COCO_CATEGORIES, mode)

@@ -49,7 +49,7 @@ class LocalModel:
         except ModelLoadError as exc:
             self._load_error = str(exc)
             log.error("MODEL NOT LOADED, service is not ready: %s", exc)
-        except Exception as exc:  # noqa: BLE001 - any failure must leave a clear not-ready state
+        except Exception as exc:
             self._load_error = f"unexpected error while loading the model: {exc!r}"
             log.exception("MODEL NOT LOADED, service is not ready")
         finally:

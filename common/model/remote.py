@@ -28,8 +28,11 @@ class RemoteModel:
         self.settings = settings
         self._channel = grpc.insecure_channel(
             f"unix:{settings.model_socket}",
-            options=[("grpc.max_send_message_length", max_message_bytes(settings)),
-                     ("grpc.max_receive_message_length", 1 << 20)])
+            options=[
+                ("grpc.max_send_message_length", max_message_bytes(settings)),
+                ("grpc.max_receive_message_length", 1 << 20),
+            ],
+        )
         self._detect = self._channel.unary_unary(DETECT)
         self._status = self._channel.unary_unary(STATUS)
         self._known_ready = False
@@ -66,11 +69,15 @@ class RemoteModel:
         try:  # a process being (re)started by supervisord gets MODEL_WAIT_TIMEOUT to come up
             grpc.channel_ready_future(self._channel).result(timeout=self.settings.model_wait_timeout)
         except grpc.FutureTimeoutError:
-            raise NotReady("the model process is not reachable (starting, restarting or stopped); "
-                           "try again shortly") from None
+            raise NotReady(
+                "the model process is not reachable (starting, restarting or stopped); try again shortly"
+            ) from None
         try:
-            reply = self._detect(pack_image(image), wait_for_ready=True,
-                                 timeout=self.settings.model_wait_timeout + DETECT_ALLOWANCE_SECONDS)
+            reply = self._detect(
+                pack_image(image),
+                wait_for_ready=True,
+                timeout=self.settings.model_wait_timeout + DETECT_ALLOWANCE_SECONDS,
+            )
         except grpc.RpcError as exc:
             code = exc.code()
             if code == grpc.StatusCode.FAILED_PRECONDITION:
@@ -78,8 +85,10 @@ class RemoteModel:
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # only with MAX_IMAGE_PIXELS above ~700 M
                 raise TooLarge("the decoded image is too large to pass to the model") from None
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise NotReady("the model process did not answer in time (starting, restarting or "
-                               "overloaded); try again shortly") from None
+                raise NotReady(
+                    "the model process did not answer in time (starting, restarting or "
+                    "overloaded); try again shortly"
+                ) from None
             log.error("model process call failed: %s %s", code, exc.details())
             raise DetectionError("internal error in the model process; see the service log") from None
         return json.loads(reply)["objects"]

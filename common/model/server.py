@@ -45,7 +45,7 @@ class ModelServicer:
             objects = self.model.detect(image)
         except NotReady as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, exc.message)
-        except Exception:  # noqa: BLE001 - the caller gets INTERNAL, the log gets the traceback
+        except Exception:
             log.exception("detect failed")
             context.abort(grpc.StatusCode.INTERNAL, "detect failed; see the model process log")
         return json.dumps({"objects": objects}).encode()
@@ -69,12 +69,20 @@ def build_server(settings: Settings, model: LocalModel) -> grpc.Server:
         os.unlink(path)  # left by a process that was killed; supervisord's pid file keeps RUN_DIR ours
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=_server_threads(settings), thread_name_prefix="model"),
-        options=[("grpc.max_receive_message_length", max_message_bytes(settings))])
+        options=[("grpc.max_receive_message_length", max_message_bytes(settings))],
+    )
     servicer = ModelServicer(model)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
-        "Detect": grpc.unary_unary_rpc_method_handler(servicer.detect),
-        "Status": grpc.unary_unary_rpc_method_handler(servicer.status),
-    }),))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                SERVICE,
+                {
+                    "Detect": grpc.unary_unary_rpc_method_handler(servicer.detect),
+                    "Status": grpc.unary_unary_rpc_method_handler(servicer.status),
+                },
+            ),
+        )
+    )
     old_umask = os.umask(0o177)  # the socket file is created 0600: only this user may call
     try:
         if server.add_insecure_port(f"unix:{path}") == 0:

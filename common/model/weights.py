@@ -40,7 +40,7 @@ def state_dict_sha256(state_dict: StateDict) -> str:
         tensor = state_dict[name].detach().contiguous().cpu()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
         if tensor.numel():
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -88,7 +88,7 @@ def _state_dict_from_torchvision() -> StateDict:
         # into memory so that every process of the stack shares its pages.
         try:
             return torch.load(cached, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # noqa: BLE001, S110 - let torchvision's own loader report the problem
+        except Exception:  # noqa: BLE001 - let torchvision's own loader report the problem
             pass
     try:
         return COCO_WEIGHTS.get_state_dict(progress=False, check_hash=True)
@@ -103,7 +103,9 @@ def _state_dict_from_torchvision() -> StateDict:
 def build_model(state_dict: StateDict, score_threshold: float) -> MaskRCNN:
     """The torchvision architecture with ``state_dict`` loaded strictly, in eval mode."""
     model = maskrcnn_resnet50_fpn(
-        weights=None, weights_backbone=None, num_classes=len(COCO_CATEGORIES),
+        weights=None,
+        weights_backbone=None,
+        num_classes=len(COCO_CATEGORIES),
         box_score_thresh=score_threshold,
     )
     try:

@@ -24,22 +24,38 @@ from common.model.accel.runtime import AcceleratedMaskRCNN
 log = logging.getLogger(__name__)
 
 
-def build(model: MaskRCNN, weights_sha256: str, mode: str, *, cache_dir: str = "", threads: int = 0,
-          roi_align_threads: int = 2, winograd: bool = True) -> tuple[AcceleratedMaskRCNN, str]:
+def build(
+    model: MaskRCNN,
+    weights_sha256: str,
+    mode: str,
+    *,
+    cache_dir: str = "",
+    threads: int = 0,
+    roi_align_threads: int = 2,
+    winograd: bool = True,
+) -> tuple[AcceleratedMaskRCNN, str]:
     """(callable model, effective mode) for ``mode`` in exact/fast; fast falls back to exact.
     ``winograd=False``: the exact path computes every convolution directly (slower, but smaller:
     OpenVINO keeps the Winograd layers' large intermediate tensors allocated between passes)."""
     precision = "f32"
     effective = "exact"
-    places = WINOGRAD if winograd else ()
+    places: tuple[str, ...] = WINOGRAD if winograd else ()
     if mode == "fast":
         core = openvino_module().Core()
         if bf16_supported(core):
             precision, effective, places = "bf16", "fast", FAST_WINOGRAD
         else:
-            log.warning("DETECT_MODE=fast: this CPU has no bf16 support (AVX-512 BF16 or AMX); "
-                        "running the exact fp32 path instead")
-    accelerated = AcceleratedMaskRCNN(model, weights_sha256, precision=precision, cache_dir=cache_dir,
-                                      threads=threads, roi_align_threads=roi_align_threads,
-                                      winograd=places)
+            log.warning(
+                "DETECT_MODE=fast: this CPU has no bf16 support (AVX-512 BF16 or AMX); "
+                "running the exact fp32 path instead"
+            )
+    accelerated = AcceleratedMaskRCNN(
+        model,
+        weights_sha256,
+        precision=precision,
+        cache_dir=cache_dir,
+        threads=threads,
+        roi_align_threads=roi_align_threads,
+        winograd=places,
+    )
     return accelerated, effective

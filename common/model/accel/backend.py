@@ -13,8 +13,9 @@ def openvino_module() -> ModuleType:
     try:
         import openvino
     except ImportError as exc:
-        raise AccelUnavailable(f"OpenVINO is not installed ({exc}); pip install -r requirements.txt "
-                               "or set DETECT_MODE=eager") from None
+        raise AccelUnavailable(
+            f"OpenVINO is not installed ({exc}); pip install -r requirements.txt or set DETECT_MODE=eager"
+        ) from None
     return openvino
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torchvision
 
-from common.model.accel.graph import WINOGRAD_STRIPS, convert
 from common.model.accel.backend import openvino_module
+from common.model.accel.graph import WINOGRAD_STRIPS, convert
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,19 @@ def default_cache_dir() -> str:
 
 def graph_cache_key(weights_sha256: str, winograd=()) -> str:
     """Names a converted graph: what it computes and with which versions of the tools."""
-    return hashlib.sha256("|".join((
-        CACHE_FORMAT, weights_sha256, torch.__version__, torchvision.__version__, openvino_module().__version__,
-        "winograd=" + ",".join(winograd),
-        f"strips={sorted((place, n) for place, n in WINOGRAD_STRIPS.items() if place in winograd)}",
-    )).encode()).hexdigest()[:24]
+    return hashlib.sha256(
+        "|".join(
+            (
+                CACHE_FORMAT,
+                weights_sha256,
+                torch.__version__,
+                torchvision.__version__,
+                openvino_module().__version__,
+                "winograd=" + ",".join(winograd),
+                f"strips={sorted((place, n) for place, n in WINOGRAD_STRIPS.items() if place in winograd)}",
+            )
+        ).encode()
+    ).hexdigest()[:24]
 
 
 def converted_graph_path(model, weights_sha256: str, cache_dir: str, winograd=()) -> Path:
@@ -50,8 +58,9 @@ def converted_graph_path(model, weights_sha256: str, cache_dir: str, winograd=()
             raise PermissionError(f"{directory} is not writable")
     except OSError as exc:
         fallback = Path(tempfile.gettempdir()) / f"instance-detector-cache-{os.getuid()}"
-        log.warning("ACCEL_CACHE_DIR %s unusable (%s); caching the conversion in %s instead",
-                    directory, exc, fallback)
+        log.warning(
+            "ACCEL_CACHE_DIR %s unusable (%s); caching the conversion in %s instead", directory, exc, fallback
+        )
         directory = fallback
         directory.mkdir(parents=True, exist_ok=True)
     xml = directory / f"maskrcnn-backbone-rpn-{key}.xml"
@@ -69,11 +78,10 @@ def converted_graph_path(model, weights_sha256: str, cache_dir: str, winograd=()
 
 def _prune(directory: Path, keep: int, current: Path) -> None:
     """Keep the ``keep`` most recently used conversions (each is the size of the weights)."""
-    graphs = sorted(directory.glob("maskrcnn-backbone-rpn-*.xml"), key=lambda p: p.stat().st_mtime,
-                    reverse=True)
+    graphs = sorted(
+        directory.glob("maskrcnn-backbone-rpn-*.xml"), key=lambda p: p.stat().st_mtime, reverse=True
+    )
     for old in graphs[keep:]:
         if old != current:
             for path in (old, old.with_suffix(".bin")):
                 path.unlink(missing_ok=True)
-
-

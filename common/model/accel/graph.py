@@ -46,8 +46,9 @@ def single_conv(block: torch.nn.Module) -> torch.nn.Conv2d:
     """The one convolution of a torchvision conv block (a Conv2d, or Conv2dNormActivation without
     a norm, possibly inside a Sequential, possibly followed by a ReLU)."""
     convs = [m for m in block.modules() if isinstance(m, torch.nn.Conv2d)]
-    others = [m for m in block.modules() if not isinstance(m, (torch.nn.Conv2d, torch.nn.Sequential,
-                                                               torch.nn.ReLU))]
+    others = [
+        m for m in block.modules() if not isinstance(m, (torch.nn.Conv2d, torch.nn.Sequential, torch.nn.ReLU))
+    ]
     if len(convs) != 1 or others:
         raise AccelUnavailable(f"unexpected block layout in torchvision's model: {block}")
     return convs[0]
@@ -64,7 +65,10 @@ class RPNHeadPerLevel(torch.nn.Module):
         self.winograd_levels = frozenset(winograd_levels)
         self.winograd = torch.nn.ModuleList(
             WinogradConv3x3.from_conv(conv, whole_tiles=True, strips=strips[level])
-            if level in self.winograd_levels else torch.nn.Identity() for level in range(len(strips)))
+            if level in self.winograd_levels
+            else torch.nn.Identity()
+            for level in range(len(strips))
+        )
 
     def forward(self, features):
         logits, deltas = [], []
@@ -99,7 +103,8 @@ class BackboneRPNHead(torch.nn.Module):
         for level in levels:
             conv = single_conv(self.backbone.fpn.layer_blocks[level])
             self.backbone.fpn.layer_blocks[level] = WinogradConv3x3.from_conv(
-                conv, whole_tiles=True, strips=strips[level])
+                conv, whole_tiles=True, strips=strips[level]
+            )
         if levels:
             self.head = RPNHeadPerLevel(copy.deepcopy(model.rpn.head), levels, strips)
         for stage in (place for place in winograd if place.startswith("layer")):
@@ -121,8 +126,9 @@ def convert(model, xml: Path, winograd=()) -> None:
     wrapper = BackboneRPNHead(model, winograd).eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation notice
-        converted = ov.convert_model(wrapper, example_input=torch.zeros(EXAMPLE_SHAPE),
-                                     input=[ov.PartialShape([1, 3, -1, -1])])
+        converted = ov.convert_model(
+            wrapper, example_input=torch.zeros(EXAMPLE_SHAPE), input=[ov.PartialShape([1, 3, -1, -1])]
+        )
     # Written under a temporary name and renamed, so that processes converting at the same time
     # never read a half-written file; weights stay fp32 (no compression to fp16).
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
@@ -130,5 +136,3 @@ def convert(model, xml: Path, winograd=()) -> None:
         ov.save_model(converted, str(tmp_xml), compress_to_fp16=False)
         os.replace(tmp_xml.with_suffix(".bin"), xml.with_suffix(".bin"))
         os.replace(tmp_xml, xml)
-
-

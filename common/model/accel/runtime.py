@@ -33,19 +33,29 @@ ROI_ALIGN_CHANNEL_BLOCK = 32  # channels per RoIAlign call (see AcceleratedMaskR
 class AcceleratedMaskRCNN:
     """Callable like the torchvision model in eval mode (``model([tensor]) -> [dict]``), no masks."""
 
-    def __init__(self, model, weights_sha256: str, *, precision: str = "f32", cache_dir: str = "",
-                 threads: int = 0, roi_align_threads: int = 2, winograd=()):
+    def __init__(
+        self,
+        model,
+        weights_sha256: str,
+        *,
+        precision: str = "f32",
+        cache_dir: str = "",
+        threads: int = 0,
+        roi_align_threads: int = 2,
+        winograd=(),
+    ):
         ov = openvino_module()
         self.model = model
         self.precision = precision
         self.winograd = tuple(winograd)
         if set(winograd) & set(FPN_LEVELS) and model.transform.size_divisible % SIZE_DIVISIBLE:
-            raise AccelUnavailable(f"Winograd on FPN levels needs images padded to a multiple of "
-                                   f"{SIZE_DIVISIBLE}, the model pads to {model.transform.size_divisible}")
+            raise AccelUnavailable(
+                f"Winograd on FPN levels needs images padded to a multiple of "
+                f"{SIZE_DIVISIBLE}, the model pads to {model.transform.size_divisible}"
+            )
         core = ov.Core()
         threads = threads or torch.get_num_threads()
-        xml = converted_graph_path(model, weights_sha256, cache_dir or default_cache_dir(),
-                                   winograd)
+        xml = converted_graph_path(model, weights_sha256, cache_dir or default_cache_dir(), winograd)
         config = {
             "INFERENCE_PRECISION_HINT": precision,
             "INFERENCE_NUM_THREADS": threads,
@@ -58,8 +68,11 @@ class AcceleratedMaskRCNN:
         model.backbone = None
         model.rpn.head = None
         self.roi_align_threads = max(1, roi_align_threads)
-        self._pool = (ThreadPoolExecutor(self.roi_align_threads - 1, thread_name_prefix="roi-align")
-                      if self.roi_align_threads > 1 else None)
+        self._pool = (
+            ThreadPoolExecutor(self.roi_align_threads - 1, thread_name_prefix="roi-align")
+            if self.roi_align_threads > 1
+            else None
+        )
 
     # -- pieces ------------------------------------------------------------------------
 
@@ -67,7 +80,7 @@ class AcceleratedMaskRCNN:
         self.request.infer({0: batch.numpy()}, share_inputs=True)
         # views of the request's buffers: valid until the next infer (callers run one at a time)
         outputs = [torch.from_numpy(self.request.get_output_tensor(i).data) for i in range(15)]
-        features = OrderedDict(zip(FEATURE_NAMES, outputs[:5]))
+        features = OrderedDict(zip(FEATURE_NAMES, outputs[:5], strict=True))
         return features, outputs[5:10], outputs[10:15]
 
     def _box_roi_align(self, features, proposals, image_shapes):
@@ -80,22 +93,33 @@ class AcceleratedMaskRCNN:
         pool = self.model.roi_heads.box_roi_pool
         x = [features[name] for name in pool.featmap_names]
         if pool.scales is None or pool.map_levels is None:
-            pool.scales, pool.map_levels = _setup_scales(x, image_shapes, pool.canonical_scale,
-                                                         pool.canonical_level)
+            pool.scales, pool.map_levels = _setup_scales(
+                x, image_shapes, pool.canonical_scale, pool.canonical_level
+            )
 
         def run(blocks):
             with torch.inference_mode():
-                return [_multiscale_roi_align([level[:, start:stop] for level in x], proposals,
-                                              pool.output_size, pool.sampling_ratio, pool.scales,
-                                              pool.map_levels)
-                        for start, stop in blocks]
+                return [
+                    _multiscale_roi_align(
+                        [level[:, start:stop] for level in x],
+                        proposals,
+                        pool.output_size,
+                        pool.sampling_ratio,
+                        pool.scales,
+                        pool.map_levels,
+                    )
+                    for start, stop in blocks
+                ]
 
         channels = x[0].shape[1]
-        blocks = [(start, min(start + ROI_ALIGN_CHANNEL_BLOCK, channels))
-                  for start in range(0, channels, ROI_ALIGN_CHANNEL_BLOCK)]
-        count = min(self.roi_align_threads if self._pool else 1, len(blocks))
-        groups = [blocks[i * len(blocks) // count:(i + 1) * len(blocks) // count] for i in range(count)]
-        futures = [self._pool.submit(run, group) for group in groups[1:]]
+        blocks = [
+            (start, min(start + ROI_ALIGN_CHANNEL_BLOCK, channels))
+            for start in range(0, channels, ROI_ALIGN_CHANNEL_BLOCK)
+        ]
+        pool = self._pool
+        count = min(self.roi_align_threads, len(blocks)) if pool else 1
+        groups = [blocks[i * len(blocks) // count : (i + 1) * len(blocks) // count] for i in range(count)]
+        futures = [pool.submit(run, group) for group in groups[1:]] if pool else []
         outputs = run(groups[0])
         for future in futures:
             outputs += future.result()
@@ -118,8 +142,9 @@ class AcceleratedMaskRCNN:
             num_anchors_per_level = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
             objectness, deltas = concat_box_prediction_layers(objectness, deltas)
             proposals = rpn.box_coder.decode(deltas, anchors).view(len(anchors), -1, 4)
-            proposals, _ = rpn.filter_proposals(proposals, objectness, image_list.image_sizes,
-                                                num_anchors_per_level)
+            proposals, _ = rpn.filter_proposals(
+                proposals, objectness, image_list.image_sizes, num_anchors_per_level
+            )
 
             # RoIHeads.forward (inference, boxes only)
             heads = model.roi_heads
@@ -127,7 +152,10 @@ class AcceleratedMaskRCNN:
             box_features = heads.box_head(box_features)
             class_logits, box_regression = heads.box_predictor(box_features)
             boxes, scores, labels = heads.postprocess_detections(
-                class_logits, box_regression, proposals, image_list.image_sizes)
-            detections = [{"boxes": b, "labels": l, "scores": s}
-                          for b, s, l in zip(boxes, scores, labels)]
+                class_logits, box_regression, proposals, image_list.image_sizes
+            )
+            detections = [
+                {"boxes": box, "labels": label, "scores": score}
+                for box, score, label in zip(boxes, scores, labels, strict=True)
+            ]
             return model.transform.postprocess(detections, image_list.image_sizes, original_sizes)

@@ -16,43 +16,55 @@ tiles), the output transform one small matrix product followed by a reshuffle. T
 transform ``G g G^T`` is done once, in float64, when the module is built.
 
 It is exact up to float rounding: the error is about ten times that of a direct fp32 convolution
-(about 1e-5 relative here); ``tests/test_detect_modes.py`` checks that the detections stay equal to
+(about 1e-5 relative here); the detect-mode tests check that the detections stay equal to
 eager torchvision's.
 """
 
 from __future__ import annotations
 
+import itertools
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 # F(4x4, 3x3) transform matrices (interpolation points 0, 1, -1, 2, -2 and infinity).
-_BT = ((4, 0, -5, 0, 1, 0),
-       (0, -4, -4, 1, 1, 0),
-       (0, 4, -4, -1, 1, 0),
-       (0, -2, -1, 2, 1, 0),
-       (0, 2, -1, -2, 1, 0),
-       (0, 4, 0, -5, 0, 1))
-_G = ((1 / 4, 0, 0),
-      (-1 / 6, -1 / 6, -1 / 6),
-      (-1 / 6, 1 / 6, -1 / 6),
-      (1 / 24, 1 / 12, 1 / 6),
-      (1 / 24, -1 / 12, 1 / 6),
-      (0, 0, 1))
-_AT = ((1, 1, 1, 1, 1, 0),
-       (0, 1, -1, 2, -2, 0),
-       (0, 1, 1, 4, 4, 0),
-       (0, 1, -1, 8, -8, 1))
+_BT = (
+    (4, 0, -5, 0, 1, 0),
+    (0, -4, -4, 1, 1, 0),
+    (0, 4, -4, -1, 1, 0),
+    (0, -2, -1, 2, 1, 0),
+    (0, 2, -1, -2, 1, 0),
+    (0, 4, 0, -5, 0, 1),
+)
+_G = (
+    (1 / 4, 0, 0),
+    (-1 / 6, -1 / 6, -1 / 6),
+    (-1 / 6, 1 / 6, -1 / 6),
+    (1 / 24, 1 / 12, 1 / 6),
+    (1 / 24, -1 / 12, 1 / 6),
+    (0, 0, 1),
+)
+_AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
 TILE = 4  # output tile side; input tiles are TILE + 2
 
 
 def is_winograd_compatible(conv: torch.nn.Module) -> bool:
     """A plain 3x3, stride 1, padding 1, undilated, ungrouped convolution."""
-    return (isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3)
-            and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.dilation == (1, 1)
-            and conv.groups == 1 and conv.padding_mode == "zeros")
+    return (
+        isinstance(conv, torch.nn.Conv2d)
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
 
 
-def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None, norm: torch.nn.Module):
+def fold_batch_norm(
+    weight: torch.Tensor, bias: torch.Tensor | None, norm: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias) of conv followed by an eval-mode batch norm (torch's or torchvision's frozen
     one), as one convolution."""
     scale = norm.weight.double() * (norm.running_var.double() + norm.eps).rsqrt()
@@ -65,8 +77,20 @@ def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None, norm: torch
 class WinogradConv3x3(torch.nn.Module):
     """Same result as ``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 kernel, batch size 1."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 whole_tiles: bool = False, strips: int = 1):
+    # buffers (registered in __init__, so that they follow the module's device and dtype)
+    filters: torch.Tensor
+    input_transform: torch.Tensor
+    output_transform: torch.Tensor
+    bias: torch.Tensor
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        whole_tiles: bool = False,
+        strips: int = 1,
+    ):
         """``whole_tiles``: the caller guarantees height and width are multiples of 4 (as on the
         FPN's P2 and P3 levels of an image padded to 32), so no padding or cropping is needed.
         ``strips`` (with ``whole_tiles``): compute the output in that many horizontal strips, one
@@ -87,18 +111,26 @@ class WinogradConv3x3(torch.nn.Module):
         transformed = torch.einsum("iu,ocuv,jv->ijoc", g, weight, g)
         self.register_buffer("filters", transformed.reshape(side * side, out_channels, in_channels).float())
         # input transform B^T d B as a 6x6 kernel per tile position: (36, 1, 6, 6)
-        self.register_buffer("input_transform",
-                             torch.einsum("iu,jv->ijuv", bt, bt).reshape(side * side, 1, side, side).float())
+        self.register_buffer(
+            "input_transform", torch.einsum("iu,jv->ijuv", bt, bt).reshape(side * side, 1, side, side).float()
+        )
         # output transform A^T m A as a (16, 36) matrix
-        self.register_buffer("output_transform",
-                             torch.einsum("pi,qj->pqij", at, at).reshape(TILE * TILE, side * side).float())
+        self.register_buffer(
+            "output_transform", torch.einsum("pi,qj->pqij", at, at).reshape(TILE * TILE, side * side).float()
+        )
         bias = torch.zeros(out_channels, dtype=torch.float64) if bias is None else bias.detach().double()
         self.register_buffer("bias", bias.float().view(1, out_channels, 1, 1))
         self.out_channels = out_channels
 
     @classmethod
-    def from_conv(cls, conv: torch.nn.Conv2d, norm: torch.nn.Module | None = None, *,
-                  whole_tiles: bool = False, strips: int = 1) -> "WinogradConv3x3":
+    def from_conv(
+        cls,
+        conv: torch.nn.Conv2d,
+        norm: torch.nn.Module | None = None,
+        *,
+        whole_tiles: bool = False,
+        strips: int = 1,
+    ) -> WinogradConv3x3:
         if not is_winograd_compatible(conv):
             raise ValueError(f"not a plain 3x3 convolution: {conv}")
         weight, bias = conv.weight, conv.bias
@@ -118,21 +150,28 @@ class WinogradConv3x3(torch.nn.Module):
             padded = F.pad(x, (1, 1, 1, 1))
             bounds = [rows * i // self.strips for i in range(self.strips + 1)]
             outs = []
-            for r0, r1 in zip(bounds, bounds[1:]):  # rows of tiles r0..r1, with their 1-pixel halo
-                strip = padded[:, :, TILE * r0:TILE * r1 + 2]
-                tiles = F.conv2d(strip.reshape(channels, 1, TILE * (r1 - r0) + 2, width + 2),
-                                 self.input_transform, stride=TILE)
+            for r0, r1 in itertools.pairwise(bounds):  # rows of tiles r0..r1, with their 1-pixel halo
+                strip = padded[:, :, TILE * r0 : TILE * r1 + 2]
+                tiles = F.conv2d(
+                    strip.reshape(channels, 1, TILE * (r1 - r0) + 2, width + 2),
+                    self.input_transform,
+                    stride=TILE,
+                )
                 outs.append(self._tiles_to_output(tiles, r1 - r0, cols))
             return torch.cat(outs, 2) + self.bias
         if self.whole_tiles:
             # every channel's 6x6 tiles (stride 4, zero padding 1), transformed: (C, 36, rows, cols)
-            tiles = F.conv2d(x.reshape(channels, 1, height, width), self.input_transform,
-                             stride=TILE, padding=1)
+            tiles = F.conv2d(
+                x.reshape(channels, 1, height, width), self.input_transform, stride=TILE, padding=1
+            )
         else:
             # zero padding: 1 (the convolution's own) before, up to whole tiles after
             padded = F.pad(x, (1, TILE * cols + 1 - width, 1, TILE * rows + 1 - height))
-            tiles = F.conv2d(padded.reshape(channels, 1, TILE * rows + 2, TILE * cols + 2),
-                             self.input_transform, stride=TILE)
+            tiles = F.conv2d(
+                padded.reshape(channels, 1, TILE * rows + 2, TILE * cols + 2),
+                self.input_transform,
+                stride=TILE,
+            )
         out = self._tiles_to_output(tiles, rows, cols)
         if not self.whole_tiles:
             out = out[:, :, :height, :width]
