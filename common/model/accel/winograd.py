@@ -16,7 +16,7 @@ tiles), the output transform one small matrix product followed by a reshuffle. T
 transform ``G g G^T`` is done once, in float64, when the module is built.
 
 It is exact up to float rounding: the error is about ten times that of a direct fp32 convolution
-(about 1e-5 relative here); the detect-mode tests check that the detections stay equal to
+(about 1e-5 relative); the detect-mode tests check that the detections stay equal to
 eager torchvision's.
 """
 
