@@ -116,10 +116,10 @@ class AcceleratedMaskRCNN:
             (start, min(start + ROI_ALIGN_CHANNEL_BLOCK, channels))
             for start in range(0, channels, ROI_ALIGN_CHANNEL_BLOCK)
         ]
-        pool = self._pool
-        count = min(self.roi_align_threads, len(blocks)) if pool else 1
+        executor = self._pool
+        count = min(self.roi_align_threads, len(blocks)) if executor else 1
         groups = [blocks[i * len(blocks) // count : (i + 1) * len(blocks) // count] for i in range(count)]
-        futures = [pool.submit(run, group) for group in groups[1:]] if pool else []
+        futures = [executor.submit(run, group) for group in groups[1:]] if executor else []
         outputs = run(groups[0])
         for future in futures:
             outputs += future.result()
