@@ -47,7 +47,7 @@ def pss_kib(pid: int) -> int:
 
 
 def tree_pss_mib(root: int) -> float:
-    from tests.helpers import process_tree
+    from testkit.stack import process_tree
 
     return sum(pss_kib(pid) for pid in process_tree(root)) / 1024
 
@@ -76,23 +76,25 @@ def available_modes() -> list[str]:
     return list(getattr(config, "DETECT_MODES", ("eager",)))
 
 
-def settings_for(weights: Path, mode: str, threshold: float = SERVICE_THRESHOLD):
-    from common.config import Settings
+# The detect path's own knobs: the stack inherits them from this environment, so the in-process
+# detectors take them from it too.
+DETECT_PATH_ENV = ("ACCEL_CACHE_DIR", "WINOGRAD", "ROI_ALIGN_THREADS")
 
-    env = {"WEIGHTS_FILE": str(weights), "SCORE_THRESHOLD": str(threshold), "DETECT_MODE": mode}
-    # the detect path's own knobs, as the stack gets them from the environment
-    env.update({k: v for k, v in os.environ.items()
-                if k.startswith("ACCEL_") or k in ("WINOGRAD", "ROI_ALIGN_THREADS")})
-    return Settings.from_env(env)
+
+def detect_settings(weights: Path, mode: str):
+    """The settings of an in-process detector in ``mode``, as the stack would run it."""
+    from testkit.settings import settings_for
+
+    return settings_for(weights, inherit=DETECT_PATH_ENV, DETECT_MODE=mode, SCORE_THRESHOLD=SERVICE_THRESHOLD)
 
 
 def raw_outputs(detector, image):
     """(labels, scores, boxes) lists from the service's detector, or (labels, None, None)."""
     if hasattr(detector, "detect_raw"):
-        from bench.compare import as_lists
+        from testkit.compare import as_lists
 
         return as_lists(detector.detect_raw(image))
-    from common.detector import COCO_CATEGORIES
+    from common.model.weights import COCO_CATEGORIES
 
     names = detector.detect(image)
     return [COCO_CATEGORIES.index(n) for n in names], None, None
@@ -113,17 +115,15 @@ def in_process(weights: Path, images, repeats: int, modes: list[str]) -> dict:
     """Reference and every mode, timed interleaved (ref, mode 1, mode 2, ref, ...) per image, so
     that load from elsewhere on the machine hits them alike and the ratios stay meaningful."""
     import torch
-    from torchvision.models.detection import maskrcnn_resnet50_fpn
     from torchvision.transforms.functional import pil_to_tensor
 
-    from bench.compare import compare
-    from common.detector import COCO_CATEGORIES, Detector
+    from common.model.detector import Detector
+    from common.model.weights import build_model
+    from testkit.compare import compare
 
     result = {"threads": torch.get_num_threads(), "reference": {}, "modes": {}}
-    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None,
-                                  num_classes=len(COCO_CATEGORIES), box_score_thresh=SERVICE_THRESHOLD)
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    model.eval()
+    # torchvision's own model with the weights, as eager mode builds it, called directly
+    model = build_model(torch.load(weights, map_location="cpu", weights_only=True), SERVICE_THRESHOLD)
 
     def reference(image):
         tensor = pil_to_tensor(image).float().div_(255.0)
@@ -134,7 +134,7 @@ def in_process(weights: Path, images, repeats: int, modes: list[str]) -> dict:
     for mode in modes:
         start = time.perf_counter()
         try:
-            detectors[mode] = Detector.from_settings(settings_for(weights, mode))
+            detectors[mode] = Detector.from_settings(detect_settings(weights, mode))
         except Exception as exc:  # noqa: BLE001 - report, go on with the other modes
             result["modes"][mode] = {"error": repr(exc)}
             print(f"  mode {mode}: failed to load: {exc!r}", flush=True)
@@ -172,10 +172,10 @@ def in_process(weights: Path, images, repeats: int, modes: list[str]) -> dict:
 def one_process_pss(weights: Path, mode: str, env_extra: dict) -> float:
     """PSS (MiB) of a lone process that loaded the model and ran one detection."""
     code = (
-        "import sys; from bench.__main__ import settings_for, pss_kib; from pathlib import Path;"
-        "from bench.images import photo_like; from common.detector import Detector;"
+        "import sys; from bench.__main__ import detect_settings, pss_kib; from pathlib import Path;"
+        "from testkit.images import photo_like; from common.model.detector import Detector;"
         "import os;"
-        f"d = Detector.from_settings(settings_for(Path({str(weights)!r}), {mode!r}));"
+        f"d = Detector.from_settings(detect_settings(Path({str(weights)!r}), {mode!r}));"
         "d.detect(photo_like(640, 480, 1)); print(pss_kib(os.getpid()) / 1024)"
     )
     env = {**os.environ, **env_extra}
@@ -322,15 +322,16 @@ def stack_section(weights: Path, images, args, mode_env: dict, local_detect) -> 
     """The real stack; ``local_detect(image)`` is the same detect path in this process, measured
     beside it for the ratios."""
     sys.path.insert(0, str(REPO))
-    from bench.images import jpeg
     from common.config import Settings
     from common.decode import decode_image
-    from tests.helpers import ImageServer, Stack
+    from testkit.image_server import ImageServer
+    from testkit.images import encode
+    from testkit.stack import Stack
 
     server = ImageServer()
     urls = {}  # name -> (URL of the JPEG served, the pixels the servers decode from it)
     for name, image in images:
-        data = jpeg(image)
+        data = encode(image, "JPEG", quality=90)
         urls[name] = (server.add(f"/{name}.jpg", data), decode_image(data, Settings().max_image_pixels))
     workdir = Path(tempfile.mkdtemp(prefix="bench-stack-"))
     env = {"WEIGHTS_FILE": str(weights), "ALLOWED_PRIVATE_TARGETS": f"127.0.0.1:{server.port}",
@@ -398,7 +399,7 @@ def report(data: dict) -> str:
             if "max_score_dev" in d:
                 cell += f", score ±{d['max_score_dev']:.1e}, box ±{d['max_box_dev_px']:.2f}px"
             if d.get("borderline"):
-                from bench.compare import SCORE_TOLERANCE
+                from testkit.compare import SCORE_TOLERANCE
 
                 cell += (f", {d['borderline']} kept by one side only with a score within "
                          f"{SCORE_TOLERANCE:g} of the threshold")
@@ -479,9 +480,10 @@ def main(argv=None) -> int:
     import torch
     import torchvision
 
-    from bench.checkpoint import cached_checkpoint
-    from bench.images import image_set
-    from common.detector import Detector, hub_checkpoint_path
+    from common.model.detector import Detector
+    from common.model.weights import hub_checkpoint_path
+    from testkit.checkpoints import cached_checkpoint
+    from testkit.images import image_set
 
     if args.report:  # print the table of an earlier run's JSON
         print(report(json.loads(Path(args.report).read_text())))
@@ -519,7 +521,7 @@ def main(argv=None) -> int:
         data["one_process_pss_mib"] = one_process_pss(weights, default_mode, {})
         print(f"  {data['one_process_pss_mib']:.0f} MiB", flush=True)
         print("stack:", flush=True)
-        local = Detector.from_settings(settings_for(weights, default_mode))
+        local = Detector.from_settings(detect_settings(weights, default_mode))
         data["stack"] = stack_section(weights, images, args, {}, local.detect)
         del local
     RESULTS.mkdir(parents=True, exist_ok=True)

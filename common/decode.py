@@ -49,7 +49,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
 
 # The detector rescales every image so that its short side is MODEL_SHORT_SIDE pixels, unless that
 # would make the long side exceed MODEL_LONG_SIDE (torchvision's GeneralizedRCNNTransform for
-# maskrcnn_resnet50_fpn: min_size 800, max_size 1333; tests/test_decode.py checks they match).
+# maskrcnn_resnet50_fpn: min_size 800, max_size 1333; tests/unit/test_decode.py checks they match).
 MODEL_SHORT_SIDE = 800
 MODEL_LONG_SIDE = 1333
 

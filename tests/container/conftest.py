@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from testkit.checkpoints import make_forced_checkpoint
+from testkit.image_server import ImageServer
+from testkit.images import encode, scene
+from testkit.stack import free_port
 from tests.container.support import (BUILD_ARGS, BUILD_TIMEOUT, CATEGORY, IMAGE, REPO, SETUP_PODMAN,
                                      Container, podman, wait_ready)
-from tests.helpers import ImageServer, encode, free_port, make_forced_checkpoint, scene
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,9 @@ import time
 import pytest
 import requests
 
+from testkit.clients import metric_value
+from testkit.stack import free_port
 from tests.container.support import CATEGORY, GRPCURL, Container, grpc_health, podman, wait_for
-from tests.helpers import free_port, metric_value
 
 pytestmark = pytest.mark.container
 
@@ -70,7 +71,7 @@ def roles(container: Container) -> dict:
             by_role["gunicorn_workers" if p["ppid"] in gunicorn_pids else "gunicorn_master"].append(p)
         elif p["argv"][-2:] == ["-m", "grpc_app"]:
             by_role["grpc"].append(p)
-        elif p["argv"][-2:] == ["-m", "common.model_server"]:
+        elif p["argv"][-2:] == ["-m", "common.model.server"]:
             by_role["model"].append(p)
         else:
             by_role["other"].append(p)
@@ -139,7 +140,8 @@ def test_weights_in_the_hub_cache_start_offline(container_image, dog_checkpoint)
 # --------------------------------------------------------------------------- the service, course style
 
 def test_becomes_ready_and_healthy(service):
-    assert service.seconds_to_ready < 240
+    assert requests.get(service.http + "/readyz", timeout=5).json()["status"] == "ready"
+    assert grpc_health(service.grpc_target) == "SERVING"
     assert wait_for(lambda: service.healthcheck() == 0, 60, "podman healthcheck run: healthy")
 
 

@@ -7,8 +7,9 @@ import pytest
 import requests
 from prometheus_client.mmap_dict import MmapedDict
 
-from tests.conftest import CLASS_A, CLASS_B, FAST_LIMITS, sample_images
-from tests.helpers import Stack
+from testkit.checkpoints import CLASS_A, CLASS_B
+from testkit.images import sample_images
+from testkit.stack import FAST_LIMITS, Stack
 
 HTTP_COUNTER = "app_http_inference_count"
 GRPC_COUNTER = "app_grpc_inference_count"
@@ -96,13 +97,15 @@ def test_health_and_readiness(stack):
     assert stack.grpc_health() == "SERVING"
 
 
-@pytest.mark.parametrize("method,path,status", [
-    ("GET", "/predict", 405), ("GET", "/nope", 404), ("PUT", "/predict", 405), ("POST", "/metrics", 405),
+@pytest.mark.parametrize("method,path,status,code", [
+    ("GET", "/predict", 405, "method_not_allowed"), ("GET", "/nope", 404, "not_found"),
+    ("PUT", "/predict", 405, "method_not_allowed"), ("POST", "/metrics", 405, "method_not_allowed"),
 ])
-def test_unknown_routes_answer_json(stack, method, path, status):
+def test_unknown_routes_answer_json(stack, method, path, status, code):
     response = requests.request(method, stack.http + path, timeout=5)
     assert response.status_code == status
-    assert response.json()["error"]["code"]
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"]
 
 
 def test_a_second_checkpoint_gives_a_different_answer(tmp_path_factory, checkpoints, image_server,

@@ -8,11 +8,9 @@ from pathlib import Path
 import grpc
 import pytest
 import requests
-from PIL import Image
 
-from common.model_server import HEADER, MAGIC, pack_image, unpack_image
-from tests.conftest import CLASS_A
-from tests.helpers import Stack
+from testkit.checkpoints import CLASS_A
+from testkit.stack import Stack
 
 
 def maps_torch(pid: int) -> bool:
@@ -25,11 +23,10 @@ def maps_torch(pid: int) -> bool:
 def test_only_the_model_process_holds_the_model(stack):
     processes = stack.processes()
     holders = [command for pid, command in processes.items() if maps_torch(pid)]
-    assert holders == ["python -m common.model_server"], processes
+    assert holders == ["python -m common.model.server"], processes
     # supervisord, the model process, the gunicorn master and its two workers, the gRPC server
     assert len(processes) == 6, processes
-    socket_path = Path(stack.env["RUN_DIR"]) / "model.sock"
-    mode = socket_path.stat().st_mode
+    mode = stack.model_socket.stat().st_mode
     assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
 
 
@@ -55,26 +52,6 @@ def test_a_crashed_model_process_is_restarted_and_the_servers_recover(tmp_path, 
         assert {name: stack.program_pid(name) for name in fronts} == fronts  # the servers stayed up
     finally:
         assert stack.stop() == 0
-
-
-def test_image_payload_round_trip():
-    image = Image.frombytes("RGB", (3, 2), bytes(range(18)))
-    assert unpack_image(pack_image(image)).tobytes() == image.tobytes()
-    grey = Image.new("L", (4, 4), 7)
-    assert unpack_image(pack_image(grey)).getpixel((0, 0)) == (7, 7, 7)
-
-
-@pytest.mark.parametrize("payload", [
-    b"",
-    b"RGB8",
-    HEADER.pack(b"JPEG", 1, 1) + b"abc",
-    HEADER.pack(MAGIC, 2, 2) + b"abc",  # 4 pixels declared, 1 sent
-    HEADER.pack(MAGIC, 0, 5),
-    HEADER.pack(MAGIC, 1, 1) + b"abcd",  # one byte too many
-], ids=["empty", "header-cut", "wrong-magic", "short", "zero-width", "long"])
-def test_malformed_payloads_are_refused(payload):
-    with pytest.raises(ValueError):
-        unpack_image(payload)
 
 
 def test_servers_report_not_ready_while_the_model_process_is_down(tmp_path, checkpoints, image_server,

@@ -8,8 +8,9 @@ import time
 import pytest
 import requests
 
-from tests.conftest import CLASS_A
-from tests.helpers import VENV_BIN, free_port
+from testkit import VENV_BIN
+from testkit.checkpoints import CLASS_A
+from testkit.stack import free_port
 
 GRPCURL = str(VENV_BIN / "grpcurl")
 

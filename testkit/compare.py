@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from common.evaluate import dice_score
+from client.evaluate import dice_score
 
 SCORE_TOLERANCE = 1e-3
 BOX_TOLERANCE_PX = 0.5
@@ -56,7 +56,7 @@ def compare(reference, candidate, threshold: float | None = None) -> dict:
     for i, label in enumerate(ref_labels):
         for j, other in enumerate(labels):
             if other == label:
-                distance = max(abs(x - y) for x, y in zip(ref_boxes[i], boxes[j]))
+                distance = max(abs(x - y) for x, y in zip(ref_boxes[i], boxes[j], strict=True))
                 if distance <= BOX_TOLERANCE_PX or iou(ref_boxes[i], boxes[j]) >= SAME_OBJECT_IOU:
                     candidates.append((distance, i, j))
     candidates.sort()

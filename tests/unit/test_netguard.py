@@ -5,8 +5,7 @@ import socket
 
 import pytest
 
-from common.config import ConfigError
-from common.errors import ForbiddenTarget
+from common.errors import ConfigError, ForbiddenTarget
 from common.netguard import Allowlist, non_public_reason, resolve_and_check
 
 REFUSED = [
@@ -52,7 +51,8 @@ def test_any_bad_address_refuses_the_host(monkeypatch):
 
 def test_allowlist_endpoint_is_exact_to_the_port():
     allow = Allowlist.parse(["127.0.0.1:8000"])
-    assert resolve_and_check("127.0.0.1", 8000, allow)
+    resolved = resolve_and_check("127.0.0.1", 8000, allow)  # getaddrinfo's entries, checked
+    assert {info[4][:2] for info in resolved} == {("127.0.0.1", 8000)}
     with pytest.raises(ForbiddenTarget):
         resolve_and_check("127.0.0.1", 8001, allow)
 

@@ -4,8 +4,8 @@ import grpc
 import pytest
 import requests
 
-from tests.conftest import CLASS_A
-from tests.helpers import Stack
+from testkit.checkpoints import CLASS_A
+from testkit.stack import Stack
 
 
 def _missing(checkpoints, tmp_path):

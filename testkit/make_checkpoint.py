@@ -1,6 +1,6 @@
 """Write a forced-class checkpoint for trying the service where the real weights cannot be had.
 
-    python -m tests.make_checkpoint /tmp/kite.pt kite
+    python -m testkit.make_checkpoint /tmp/kite.pt kite
 
 The file is the real maskrcnn_resnet50_fpn architecture with seeded weights that answer exactly
 ``[CATEGORY]`` for any image: it proves the plumbing, not detection quality.
@@ -8,7 +8,7 @@ The file is the real maskrcnn_resnet50_fpn architecture with seeded weights that
 
 import sys
 
-from tests.helpers import make_forced_checkpoint
+from testkit.checkpoints import make_forced_checkpoint
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:

@@ -8,8 +8,7 @@ from PIL import Image
 
 from common.decode import decode_image
 from common.errors import NotAnImage, TooLarge
-from tests.conftest import sample_images
-from tests.helpers import encode, scene
+from testkit.images import encode, sample_images, scene
 
 LIMIT = 50_000_000
 
@@ -19,7 +18,7 @@ def test_every_sample_decodes_to_rgb(name):
     body, _ = sample_images()[name]
     image = decode_image(body, LIMIT)
     assert image.mode == "RGB"
-    assert image.size in {(320, 240), (160, 120), (120, 200)}
+    assert image.size == {"gif-animated": (160, 120), "jpeg-exif-rotated": (120, 200)}.get(name, (320, 240))
 
 
 def test_exif_orientation_is_applied():

@@ -9,9 +9,9 @@ import os
 
 import pytest
 
-from common import evaluate
-from common.detector import hub_checkpoint_path
-from tests.helpers import Stack, free_port
+from client import evaluate
+from common.model.weights import hub_checkpoint_path
+from testkit.stack import Stack, free_port
 
 pytestmark = pytest.mark.real_weights
 

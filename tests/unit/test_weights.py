@@ -1,26 +1,27 @@
 """Weight loading through the service's own code: the file that is loaded is the one that answers."""
 
-import dataclasses
 import os
 
 import pytest
 import torch
 
-from common.config import Settings
-from common.detector import Detector, ModelLoadError, hub_checkpoint_path
-from tests.conftest import CLASS_A, CLASS_B
-from tests.helpers import free_port, scene
+from common.errors import ModelLoadError
+from common.model.detector import Detector
+from common.model.weights import hub_checkpoint_path, state_dict_sha256
+from testkit.checkpoints import CLASS_A, CLASS_B
+from testkit.images import scene
+from testkit.settings import settings_for
+from testkit.stack import free_port
 
-
-def settings_for(path, sha256=""):
-    return dataclasses.replace(Settings(), weights_file=str(path), weights_sha256=sha256, torch_threads=2)
+THREADS = 2
 
 
 def test_each_checkpoint_answers_its_own_class(checkpoints):
     image = scene(200, 150)
     answers = {}
     for name, (path, sha256) in checkpoints.items():
-        labels = Detector.from_settings(settings_for(path, sha256)).detect(image)
+        settings = settings_for(path, WEIGHTS_SHA256=sha256, TORCH_THREADS=THREADS)
+        labels = Detector.from_settings(settings).detect(image)
         assert labels, f"{name} checkpoint detected nothing"
         answers[name] = labels
     assert answers == {CLASS_A: [CLASS_A], CLASS_B: [CLASS_B]}
@@ -30,18 +31,19 @@ def test_training_checkpoint_layout_is_accepted(checkpoints, tmp_path):
     path, _ = checkpoints[CLASS_A]
     wrapped = tmp_path / "wrapped.pt"
     torch.save({"model": torch.load(path, weights_only=True), "epoch": 3}, wrapped)
-    assert Detector.from_settings(settings_for(wrapped)).detect(scene(120, 90)) == [CLASS_A]
+    detector = Detector.from_settings(settings_for(wrapped, TORCH_THREADS=THREADS))
+    assert detector.detect(scene(120, 90)) == [CLASS_A]
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(ModelLoadError, match="WEIGHTS_FILE=.*does not exist"):
-        Detector.from_settings(settings_for(tmp_path / "nope.pt"))
+        Detector.from_settings(settings_for(tmp_path / "nope.pt", TORCH_THREADS=THREADS))
 
 
 def test_wrong_checksum(checkpoints):
     path, _ = checkpoints[CLASS_A]
     with pytest.raises(ModelLoadError, match="WEIGHTS_SHA256"):
-        Detector.from_settings(settings_for(path, "0" * 64))
+        Detector.from_settings(settings_for(path, WEIGHTS_SHA256="0" * 64, TORCH_THREADS=THREADS))
 
 
 def test_truncated_file(checkpoints, tmp_path):
@@ -49,21 +51,21 @@ def test_truncated_file(checkpoints, tmp_path):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(path.read_bytes()[: os.path.getsize(path) // 3])
     with pytest.raises(ModelLoadError, match="truncated or corrupt"):
-        Detector.from_settings(settings_for(truncated))
+        Detector.from_settings(settings_for(truncated, TORCH_THREADS=THREADS))
 
 
 def test_wrong_architecture(tmp_path):
     other = tmp_path / "resnet.pt"
     torch.save(torch.nn.Linear(3, 2).state_dict(), other)
     with pytest.raises(ModelLoadError, match="do not fit maskrcnn_resnet50_fpn"):
-        Detector.from_settings(settings_for(other))
+        Detector.from_settings(settings_for(other, TORCH_THREADS=THREADS))
 
 
 def test_not_a_state_dict(tmp_path):
     odd = tmp_path / "tensor.pt"
     torch.save(torch.zeros(3), odd)
     with pytest.raises(ModelLoadError, match="not a state dict"):
-        Detector.from_settings(settings_for(odd))
+        Detector.from_settings(settings_for(odd, TORCH_THREADS=THREADS))
 
 
 def test_default_source_without_cached_weights_names_the_setting(tmp_path, monkeypatch):
@@ -74,8 +76,16 @@ def test_default_source_without_cached_weights_names_the_setting(tmp_path, monke
         monkeypatch.setenv(proxy, f"http://127.0.0.1:{free_port()}")
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
-    if os.path.exists(hub_checkpoint_path()):
-        pytest.skip("COCO_V1 weights are present in this torch hub cache")
+    # the hub cache is now the empty folder above, whatever this machine's cache holds
+    assert hub_checkpoint_path().startswith(str(tmp_path / "torch-home") + os.sep)
+    assert not os.path.exists(hub_checkpoint_path())
     with pytest.raises(ModelLoadError, match="WEIGHTS_FILE") as failure:
-        Detector.from_settings(dataclasses.replace(Settings(), weights_file=""))
+        Detector.from_settings(settings_for(None))  # WEIGHTS_FILE unset
     assert hub_checkpoint_path() in str(failure.value)
+
+
+def test_state_dict_digest_depends_on_values():
+    a = {"w": torch.zeros(3), "b": torch.ones(2)}
+    b = {"w": torch.zeros(3), "b": torch.tensor([1.0, 2.0])}
+    assert state_dict_sha256(a) == state_dict_sha256(dict(reversed(list(a.items()))))
+    assert state_dict_sha256(a) != state_dict_sha256(b)

@@ -1,4 +1,5 @@
-"""Winograd F(4x4, 3x3) convolutions (common/winograd.py) and where the exact path uses them.
+"""Winograd F(4x4, 3x3) convolutions (common/model/accel/winograd.py) and where the exact path
+uses them (common/model/accel/graph.py).
 
 References are torch's own direct convolution in float64, so that the comparison measures the
 Winograd module's rounding, not the reference's.
@@ -12,8 +13,9 @@ import torch.nn.functional as F
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from common import accel
-from common.winograd import WinogradConv3x3, fold_batch_norm, is_winograd_compatible
+from common.model.accel import graph
+from common.model.accel.cache import graph_cache_key
+from common.model.accel.winograd import WinogradConv3x3, fold_batch_norm, is_winograd_compatible
 
 
 def random_conv(in_channels, out_channels, bias=True, seed=0):
@@ -122,45 +124,62 @@ def small_model():
     return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).eval()
 
 
-def test_exact_graph_uses_winograd_where_planned_and_leaves_the_model_alone(small_model):
-    assert accel.WINOGRAD == ("P2", "P3", "layer3")
+@pytest.mark.parametrize("places", [graph.WINOGRAD, ("P3",), ("layer2", "layer4")],
+                         ids=["exact-path", "P3", "layer2+layer4"])
+def test_graph_uses_winograd_where_asked_and_leaves_the_model_alone(small_model, places):
+    """``graph.WINOGRAD`` (what the exact path uses) and other choices: Winograd exactly at the
+    places named, with ``WINOGRAD_STRIPS``, and the same feature maps as direct convolutions."""
     fpn_before = [type(block).__name__ for block in small_model.backbone.fpn.layer_blocks]
-    wrapper = accel._BackboneRPNHead(small_model, accel.WINOGRAD).eval()
-    kinds = [isinstance(block, WinogradConv3x3) for block in wrapper.backbone.fpn.layer_blocks]
-    assert kinds == [True, True, False, False]
-    assert isinstance(wrapper.head, accel._RPNHeadPerLevel)
-    assert wrapper.head.winograd_levels == {0, 1}
-    assert accel.WINOGRAD_STRIPS == {"P2": 2}
-    assert wrapper.backbone.fpn.layer_blocks[0].strips == wrapper.head.winograd[0].strips == 2
-    assert wrapper.backbone.fpn.layer_blocks[1].strips == wrapper.head.winograd[1].strips == 1
+    wrapper = graph.BackboneRPNHead(small_model, places).eval()
+    blocks = wrapper.backbone.fpn.layer_blocks
+    assert len(blocks) == len(graph.FPN_LEVELS)
+    levels = {index for index, level in enumerate(graph.FPN_LEVELS) if level in places}
+    assert [isinstance(block, WinogradConv3x3) for block in blocks] == \
+        [index in levels for index in range(len(blocks))]
+    if levels:
+        assert isinstance(wrapper.head, graph.RPNHeadPerLevel)
+        assert wrapper.head.winograd_levels == levels
+    else:
+        assert wrapper.head is small_model.rpn.head
+    for index in levels:
+        strips = graph.WINOGRAD_STRIPS.get(graph.FPN_LEVELS[index], 1)
+        assert blocks[index].strips == wrapper.head.winograd[index].strips == strips
     body = wrapper.backbone.body
-    # layer3's first block has the stride-2 convolution: it stays direct
-    assert [isinstance(block.conv2, WinogradConv3x3) for block in body.layer3] == [False] + [True] * 5
-    assert not any(isinstance(m, WinogradConv3x3) for m in body.layer2.modules())
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        kinds = [isinstance(block.conv2, WinogradConv3x3) for block in getattr(body, stage)]
+        # a stage's first block may hold the stride-2 convolution: that one stays direct
+        strided = [block.conv2.stride != (1, 1) for block in getattr(small_model.backbone.body, stage)]
+        assert kinds == [stage in places and not s for s in strided], stage
     # the model itself keeps its direct convolutions (copies were changed)
     assert [type(block).__name__ for block in small_model.backbone.fpn.layer_blocks] == fpn_before
     assert not any(isinstance(m, WinogradConv3x3) for m in small_model.modules())
 
-    direct = accel._BackboneRPNHead(small_model).eval()
+    direct = graph.BackboneRPNHead(small_model).eval()
     torch.manual_seed(2)
     images = torch.rand(1, 3, 160, 224)  # a multiple of 32, as torchvision's transform pads
     with torch.no_grad():
         want, got = direct(images), wrapper(images)
     assert len(got) == len(want) == 15
-    for got_map, want_map in zip(got, want):
+    for got_map, want_map in zip(got, want, strict=True):
         assert got_map.shape == want_map.shape
         assert relative_error(got_map, want_map.double()) < 1e-4
 
 
+def test_strips_are_given_for_fpn_levels_only():
+    """Strips apply to FPN levels; one named otherwise would be silently ignored."""
+    assert set(graph.WINOGRAD_STRIPS) <= set(graph.FPN_LEVELS)
+    assert all(isinstance(n, int) and n >= 1 for n in graph.WINOGRAD_STRIPS.values())
+
+
 def test_unknown_winograd_place_is_refused(small_model):
     with pytest.raises(ValueError, match="P7"):
-        accel._BackboneRPNHead(small_model, ("P2", "P7"))
+        graph.BackboneRPNHead(small_model, ("P2", "P7"))
 
 
 def test_graph_cache_key_names_what_the_graph_computes():
     pytest.importorskip("openvino")
-    direct = accel.graph_cache_key("abc")
-    assert accel.graph_cache_key("abc", accel.WINOGRAD) != direct
-    assert accel.graph_cache_key("abc", ("P2",)) != accel.graph_cache_key("abc", ("P2", "P3"))
-    assert accel.graph_cache_key("abd") != direct
-    assert accel.graph_cache_key("abc", ()) == direct
+    direct = graph_cache_key("abc")
+    assert graph_cache_key("abc", graph.WINOGRAD) != direct
+    assert graph_cache_key("abc", ("P2",)) != graph_cache_key("abc", ("P2", "P3"))
+    assert graph_cache_key("abd") != direct
+    assert graph_cache_key("abc", ()) == direct

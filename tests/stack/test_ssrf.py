@@ -3,8 +3,9 @@
 import grpc
 import pytest
 
-from tests.conftest import CLASS_A
-from tests.helpers import ImageServer, Stack
+from testkit.checkpoints import CLASS_A
+from testkit.image_server import ImageServer
+from testkit.stack import Stack
 
 
 @pytest.fixture(scope="module")

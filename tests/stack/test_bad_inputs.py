@@ -10,8 +10,8 @@ import requests
 from PIL import Image
 
 from common.config import Settings
-from tests.conftest import CLASS_A
-from tests.helpers import encode, scene
+from testkit.checkpoints import CLASS_A
+from testkit.images import encode, scene
 
 BOMB_PNG = encode(Image.new("1", (20000, 20000)), "PNG")  # tiny file, 400 megapixels
 JPEG = encode(scene(320, 240), "JPEG")

@@ -3,8 +3,8 @@
 import os
 import signal
 
-from tests.conftest import CLASS_A
-from tests.helpers import Stack
+from testkit.checkpoints import CLASS_A
+from testkit.stack import Stack
 
 HTTP_COUNTER = "app_http_inference_count"
 GRPC_COUNTER = "app_grpc_inference_count"
