@@ -89,6 +89,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "LOG_LEVEL", "log_level", _upper, "user", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
     ),
+    Setting("LOG_FORMAT", "log_format", _lower, "user", choices=("json", "text")),
     # Limits on what a request may cost
     Setting("FETCH_CONNECT_TIMEOUT", "fetch_connect_timeout", float, "limits", minimum=0.001),
     Setting("FETCH_READ_TIMEOUT", "fetch_read_timeout", float, "limits", minimum=0.001),
@@ -99,6 +100,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_IMAGE_PIXELS", "max_image_pixels", int, "limits", minimum=1),
     Setting("MAX_REQUEST_BYTES", "max_request_bytes", int, "limits", minimum=256),
     Setting("MODEL_WAIT_TIMEOUT", "model_wait_timeout", float, "limits", minimum=0.0),
+    Setting("MAX_QUEUE_WAIT", "max_queue_wait", float, "limits", minimum=0.0),
     # Tuning: the defaults are the measured best on 2-core machines
     Setting("TORCH_THREADS", "torch_threads", int, "tuning", minimum=0),
     Setting("HTTP_THREADS", "http_threads", int, "tuning", minimum=1),
@@ -141,6 +143,10 @@ class Settings:
     max_request_bytes: int = 64 * 1024
     run_dir: str = "/tmp/instance-detector"
     log_level: str = "INFO"
+    log_format: str = "json"  # json: one JSON object per line (request lines included); text: plain lines
+    # Admission control: a request is admitted only if its pass can start within about this many
+    # seconds (the model's measured pass time decides how many that is); others are shed at once.
+    max_queue_wait: float = 10.0
 
     # Tuning
     torch_threads: int = 0  # 0: one per available core

@@ -69,3 +69,21 @@ class NotReady(DetectionError):
     """The model is not loaded (still loading, or its weights are missing or bad)."""
 
     code = "not_ready"
+
+
+class Overloaded(DetectionError):
+    """Admission control refused the request: the stack already has as much work as it can start
+    within MAX_QUEUE_WAIT. Retryable after ``retry_after`` seconds."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Cancelled(DetectionError):
+    """The client went away (connection closed, call cancelled or past its deadline) before the
+    request's forward pass: the pass is skipped."""
+
+    code = "cancelled"

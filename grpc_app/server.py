@@ -16,6 +16,7 @@ from common import errors, metrics
 from common.config import STOP_GRACE_SECONDS, Settings
 from common.logs import configure_logging
 from common.model import open_model
+from common.observe import Observer
 from common.pipeline import DetectionService
 from common.process import exit_now, wait_for_stop_signal
 from grpc_app.stubs import inference_pb2, inference_pb2_grpc
@@ -34,7 +35,14 @@ GRPC_STATUS = {
     errors.UpstreamFailed: grpc.StatusCode.FAILED_PRECONDITION,
     errors.UpstreamTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.NotReady: grpc.StatusCode.UNAVAILABLE,
+    errors.Overloaded: grpc.StatusCode.UNAVAILABLE,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
 }
+REQUEST_ID_KEY = "x-request-id"
+
+
+def grpc_status(exc: errors.DetectionError | None) -> grpc.StatusCode:
+    return grpc.StatusCode.OK if exc is None else GRPC_STATUS.get(type(exc), grpc.StatusCode.INTERNAL)
 
 
 # What _parse_input gives for bytes that are not a message (gRPC itself treats None as a failure).
@@ -53,18 +61,21 @@ class InstanceDetectorServicer(inference_pb2_grpc.InstanceDetectorServicer):
     def __init__(self, service: DetectionService, inference_count):
         self.service = service
         self.inference_count = inference_count
+        self.observer = Observer("grpc", lambda exc: grpc_status(exc).name)
 
     def Predict(self, request, context):
         self.inference_count.inc()
-        if request is UNPARSABLE:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "invalid_request: the message is not a valid inference.InstanceDetectorInput",
-            )
+        offered_id = dict(context.invocation_metadata()).get(REQUEST_ID_KEY)
         try:
-            objects = self.service.predict(request.url)
+            with self.observer.request(offered_id) as record:
+                context.send_initial_metadata(((REQUEST_ID_KEY, record.request_id),))
+                if request is UNPARSABLE:
+                    raise errors.InvalidRequest("the message is not a valid inference.InstanceDetectorInput")
+                objects = self.service.predict(request.url, record, context.is_active)
         except errors.DetectionError as exc:
-            context.abort(GRPC_STATUS.get(type(exc), grpc.StatusCode.INTERNAL), f"{exc.code}: {exc.message}")
+            if isinstance(exc, errors.Overloaded):  # gRPC's own retry policy reads the pushback
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(exc.retry_after * 1000)),))
+            context.abort(grpc_status(exc), f"{exc.code}: {exc.message}")
         except Exception:
             log.exception("unhandled error in Predict")
             context.abort(grpc.StatusCode.INTERNAL, "internal: internal error; see the service log")
@@ -132,8 +143,9 @@ def _report_readiness(service: DetectionService, health_servicer) -> None:
 def serve(settings: Settings | None = None) -> None:
     """Run until SIGTERM/SIGINT, then stop gracefully: in-flight calls get STOP_GRACE_SECONDS."""
     settings = settings or Settings.from_env()
-    configure_logging("grpc", settings.log_level)
+    configure_logging("grpc", settings.log_level, settings.log_format)
     metrics.init_multiprocess(settings)
+    metrics.record_process_start("grpc")
     service = DetectionService(settings, open_model(settings)).start_loading()
     server, health_servicer = build_server(settings, service)
     threading.Thread(

@@ -1,7 +1,8 @@
 """Flask app factory: ``/predict``, ``/metrics``, ``/healthz``, ``/readyz``.
 
 The handlers only translate: JSON in, one ``DetectionService.predict`` call, JSON out; every
-error leaves through ``_error_response`` with the status from ``HTTP_STATUS``.
+error leaves through ``_error_response`` with the status from ``HTTP_STATUS``. ``X-Request-ID``
+is honoured (or made) and returned on every answer to ``/predict``.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -18,6 +20,7 @@ from common import errors, metrics
 from common.config import Settings
 from common.logs import configure_logging
 from common.model import open_model
+from common.observe import Observer
 from common.pipeline import DetectionService
 
 log = logging.getLogger(__name__)
@@ -30,8 +33,14 @@ HTTP_STATUS = {
     errors.NotAnImage: 422,
     errors.UpstreamFailed: 502,
     errors.NotReady: 503,
+    errors.Overloaded: 503,
     errors.UpstreamTimeout: 504,
+    errors.Cancelled: 499,  # nginx's "client closed request": only the log and metrics see it
 }
+
+
+def http_status(exc: errors.DetectionError | None) -> int:
+    return 200 if exc is None else HTTP_STATUS.get(type(exc), 500)
 
 
 def _error_response(status: int, code: str, message: str) -> tuple[Response, int]:
@@ -41,24 +50,48 @@ def _error_response(status: int, code: str, message: str) -> tuple[Response, int
 def _json_body(limit: int):
     """The request body parsed as JSON whatever its Content-Type (curl -d sends form encoding);
     None when it is not JSON. Bodies over ``limit`` bytes are refused, chunked ones included."""
-    raw = request.get_data(cache=False)  # werkzeug reads at most MAX_CONTENT_LENGTH = limit + 1
+    too_large = errors.TooLarge(f"the request body is larger than {limit} bytes")
+    try:
+        raw = request.get_data(cache=False)  # werkzeug reads at most MAX_CONTENT_LENGTH = limit + 1
+    except RequestEntityTooLarge:
+        raise too_large from None
     if len(raw) > limit:
-        raise RequestEntityTooLarge()
+        raise too_large
     try:
         return json.loads(raw)
     except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested too deeply
         return None
 
 
+def _client_alive():
+    """Under gunicorn: a check that the client has not closed its connection (a peek that reads
+    nothing), asked while the request waits for the model. Elsewhere: None (not checked)."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:
+        return None
+
+    def alive() -> bool:
+        try:
+            return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            return True  # open, nothing more sent: still waiting for its answer
+        except OSError:
+            return False
+
+    return alive
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app and start loading this process's model in the background."""
     settings = settings or Settings.from_env()
-    configure_logging("http", settings.log_level)
+    configure_logging("http", settings.log_level, settings.log_format)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR") != settings.metrics_dir or not os.path.isdir(
         settings.metrics_dir
     ):
         metrics.init_multiprocess(settings)  # run outside gunicorn.conf.py's on_starting hook
+    metrics.record_process_start("http")
     inference_count = metrics.inference_counter("http")
+    observer = Observer("http", lambda exc: str(http_status(exc)))
     service = DetectionService(settings, open_model(settings)).start_loading()
 
     app = Flask(__name__)
@@ -71,12 +104,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     @app.post("/predict")
     def predict():
         inference_count.inc()
-        body = _json_body(settings.max_request_bytes)
-        if not isinstance(body, dict):
-            raise errors.InvalidRequest('the body must be a JSON object like {"url": "https://..."}')
-        if "url" not in body:
-            raise errors.InvalidRequest("the JSON body has no 'url' field")
-        return jsonify({"objects": service.predict(body["url"])})
+        with observer.request(request.headers.get("X-Request-ID")) as record:
+            g.request_id = record.request_id
+            body = _json_body(settings.max_request_bytes)
+            if not isinstance(body, dict):
+                raise errors.InvalidRequest('the body must be a JSON object like {"url": "https://..."}')
+            if "url" not in body:
+                raise errors.InvalidRequest("the JSON body has no 'url' field")
+            objects = service.predict(body["url"], record, _client_alive())
+        return jsonify({"objects": objects})
 
     @app.get("/metrics")
     def prometheus_metrics():
@@ -92,9 +128,18 @@ def create_app(settings: Settings | None = None) -> Flask:
         state, message = service.status()
         return jsonify({"status": state, "message": message}), (200 if state == "ready" else 503)
 
+    @app.after_request
+    def return_request_id(response: Response) -> Response:
+        if "request_id" in g:
+            response.headers["X-Request-ID"] = g.request_id
+        return response
+
     @app.errorhandler(errors.DetectionError)
     def detection_error(exc: errors.DetectionError):
-        return _error_response(HTTP_STATUS.get(type(exc), 500), exc.code, exc.message)
+        response, status = _error_response(http_status(exc), exc.code, exc.message)
+        if isinstance(exc, errors.Overloaded):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response, status
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

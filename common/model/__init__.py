@@ -8,13 +8,18 @@ this package does not import torch: a server whose model lives in the model proc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from PIL import Image
 
 from common.config import Settings
+from common.model.detection import Detection
 from common.model.local import LocalModel
 from common.model.remote import RemoteModel
+
+# Asked before a queued pass starts: False when the client has gone away (the pass is skipped).
+ClientAlive = Callable[[], bool]
 
 
 class Model(Protocol):
@@ -27,9 +32,13 @@ class Model(Protocol):
     def check_usable(self) -> None:
         """Raise ``NotReady`` at once if the model cannot answer (e.g. its weights failed to load)."""
 
-    def detect(self, image: Image.Image) -> list[str]:
-        """COCO category names of the instances above the threshold, best first; waits (up to
-        ``MODEL_WAIT_TIMEOUT``) while the model is still loading."""
+    def detect(self, image: Image.Image, client_alive: ClientAlive | None = None) -> Detection:
+        """The instances above the threshold, best first; waits (up to ``MODEL_WAIT_TIMEOUT``)
+        while the model is still loading. ``Cancelled`` if ``client_alive`` turns False before the
+        pass starts."""
+
+
+__all__ = ["ClientAlive", "Detection", "Model", "open_model"]
 
 
 def open_model(settings: Settings) -> Model:

@@ -1,16 +1,28 @@
 """The model loaded in this process, on a background thread so that the process answers health
-checks (and reports 'loading') meanwhile."""
+checks (and reports 'loading') meanwhile.
+
+Every pass runs on one dedicated thread, whatever thread asked for it: the allocator then reuses
+one arena for the pass's large intermediate tensors instead of growing one per calling thread
+(with many callers queued, per-thread arenas held gigabytes after the load had passed).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from common.admission import publish_pass_seconds
 from common.config import Settings
 from common.errors import ModelLoadError, NotReady
+from common.model.detection import Detection
 
 if TYPE_CHECKING:
     from common.model.detector import Detector
@@ -22,13 +34,26 @@ class LocalModel:
     """Until the model is loaded, ``detect`` waits for it (up to ``MODEL_WAIT_TIMEOUT``); if
     loading failed, ``check_usable`` and ``detect`` raise ``NotReady`` with the loader's message."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, on_queue_change: Callable[[int], None] | None = None):
         self.settings = settings
         self._detector: Detector | None = None
         self._load_error: str | None = None
         self._done = threading.Event()
         self._started = False
         self._start_lock = threading.Lock()
+        self._passes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-pass")
+        self._on_queue_change = on_queue_change or (lambda delta: None)
+        self._pass_seconds: float | None = None  # moving average, published for admission control
+
+    @property
+    def detector(self) -> Detector | None:
+        """The loaded detector, or None while loading or after a failed load."""
+        return self._detector
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Wait until loading has finished either way; True if the model is ready."""
+        self._done.wait(timeout)
+        return self._detector is not None
 
     def start(self) -> None:
         """Begin loading the model on a daemon thread (idempotent)."""
@@ -66,9 +91,40 @@ class LocalModel:
         if self._load_error is not None:
             raise NotReady(f"model not loaded: {self._load_error}")
 
-    def detect(self, image: Image.Image) -> list[str]:
+    def detect(self, image: Image.Image, client_alive: Callable[[], bool] | None = None) -> Detection:
         self.start()
-        self._done.wait(self.settings.model_wait_timeout)
-        if self._detector is None:
+        if not self.wait_loaded(self.settings.model_wait_timeout):
             raise NotReady(f"model not loaded: {self.status()[1]}")
-        return self._detector.detect(image)
+        detector = self._detector
+        assert detector is not None
+        arrived = time.perf_counter()
+        self._on_queue_change(1)
+        queued = True
+
+        def proceed() -> bool:
+            nonlocal queued
+            queued = False
+            self._on_queue_change(-1)
+            return client_alive is None or client_alive()
+
+        try:
+            detection = self._passes.submit(self._run, detector, image, proceed, arrived).result()
+        finally:
+            if queued:  # the pass never started (an error before it)
+                self._on_queue_change(-1)
+        return detection
+
+    def _run(
+        self, detector: Detector, image: Image.Image, proceed: Callable[[], bool], arrived: float
+    ) -> Detection:
+        waited = time.perf_counter() - arrived
+        detection = detector.run(image, proceed)
+        self._publish_pass_seconds(detection.pass_seconds)
+        return dataclasses.replace(detection, queue_seconds=waited + detection.queue_seconds)
+
+    def _publish_pass_seconds(self, seconds: float) -> None:
+        try:
+            os.makedirs(self.settings.run_dir, exist_ok=True)
+            self._pass_seconds = publish_pass_seconds(self.settings.run_dir, seconds, self._pass_seconds)
+        except OSError as exc:  # admission control then keeps its last known pass time
+            log.warning("cannot publish the pass time in %s: %s", self.settings.run_dir, exc)

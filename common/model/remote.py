@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 
 import grpc
 from PIL import Image
 
 from common.config import DETECT_ALLOWANCE_SECONDS, Settings
-from common.errors import DetectionError, NotReady, TooLarge
+from common.errors import Cancelled, DetectionError, NotReady, TooLarge
+from common.model.detection import Detection
 from common.model.wire import DETECT, STATUS, max_message_bytes, pack_image
 
 log = logging.getLogger(__name__)
 
 STATUS_TIMEOUT = 2.0
+# How often a server waiting for the model checks that its client is still there; a client gone
+# cancels the call, and the model process skips the pass if it has not started.
+CLIENT_CHECK_SECONDS = 0.25
 
 
 class RemoteModel:
@@ -58,28 +63,40 @@ class RemoteModel:
         if state == "failed":
             raise NotReady(f"model not loaded: {message}")
 
-    def detect(self, image: Image.Image) -> list[str]:
+    def detect(self, image: Image.Image, client_alive: Callable[[], bool] | None = None) -> Detection:
         try:
-            return self._call_detect(image)
+            return self._call_detect(image, client_alive)
         except NotReady:
             self._known_ready = False
             raise
 
-    def _call_detect(self, image: Image.Image) -> list[str]:
+    def _call_detect(self, image: Image.Image, client_alive: Callable[[], bool] | None) -> Detection:
         try:  # a process being (re)started by supervisord gets MODEL_WAIT_TIMEOUT to come up
             grpc.channel_ready_future(self._channel).result(timeout=self.settings.model_wait_timeout)
         except grpc.FutureTimeoutError:
             raise NotReady(
                 "the model process is not reachable (starting, restarting or stopped); try again shortly"
             ) from None
+        call = self._detect.future(
+            pack_image(image),
+            wait_for_ready=True,
+            timeout=self.settings.model_wait_timeout + DETECT_ALLOWANCE_SECONDS,
+        )
         try:
-            reply = self._detect(
-                pack_image(image),
-                wait_for_ready=True,
-                timeout=self.settings.model_wait_timeout + DETECT_ALLOWANCE_SECONDS,
-            )
+            while True:
+                try:
+                    reply = call.result(timeout=CLIENT_CHECK_SECONDS)
+                    break
+                except grpc.FutureTimeoutError:
+                    if client_alive is not None and not client_alive():
+                        call.cancel()
+                        raise Cancelled("the client went away while waiting for the model") from None
+        except grpc.FutureCancelledError:
+            raise Cancelled("the call to the model was cancelled") from None
         except grpc.RpcError as exc:
             code = exc.code()
+            if code == grpc.StatusCode.CANCELLED:
+                raise Cancelled("the client went away before its forward pass") from None
             if code == grpc.StatusCode.FAILED_PRECONDITION:
                 raise NotReady(exc.details()) from None
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # only with MAX_IMAGE_PIXELS above ~700 M
@@ -91,4 +108,5 @@ class RemoteModel:
                 ) from None
             log.error("model process call failed: %s %s", code, exc.details())
             raise DetectionError("internal error in the model process; see the service log") from None
-        return json.loads(reply)["objects"]
+        answer = json.loads(reply)
+        return Detection(answer["objects"], answer["queue_seconds"], answer["pass_seconds"])

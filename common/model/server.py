@@ -14,13 +14,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from concurrent import futures
 
 import grpc
 
+from common import metrics
 from common.config import STOP_GRACE_SECONDS, Settings
-from common.errors import NotReady
+from common.errors import Cancelled, NotReady
 from common.logs import configure_logging
+from common.model.accel.backend import cpu_features
 from common.model.local import LocalModel
 from common.model.wire import SERVICE, max_message_bytes, unpack_image
 from common.process import exit_now, wait_for_stop_signal
@@ -42,13 +45,21 @@ class ModelServicer:
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
-            objects = self.model.detect(image)
+            detection = self.model.detect(image, context.is_active)
+        except Cancelled as exc:
+            context.abort(grpc.StatusCode.CANCELLED, exc.message)
         except NotReady as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, exc.message)
         except Exception:
             log.exception("detect failed")
             context.abort(grpc.StatusCode.INTERNAL, "detect failed; see the model process log")
-        return json.dumps({"objects": objects}).encode()
+        return json.dumps(
+            {
+                "objects": detection.objects,
+                "queue_seconds": detection.queue_seconds,
+                "pass_seconds": detection.pass_seconds,
+            }
+        ).encode()
 
     def status(self, _payload: bytes, _context: grpc.ServicerContext) -> bytes:
         state, message = self.model.status()
@@ -97,14 +108,34 @@ def build_server(settings: Settings, model: LocalModel) -> grpc.Server:
 def serve(settings: Settings | None = None) -> None:
     """Load the model and answer until SIGTERM/SIGINT (supervisord stops this process last)."""
     settings = settings or Settings.from_env()
-    configure_logging("model", settings.log_level)
-    model = LocalModel(settings)
+    configure_logging("model", settings.log_level, settings.log_format)
+    metrics.init_multiprocess(settings)
+    metrics.record_process_start("model")
+    model_metrics = metrics.model_metrics()
+    model_metrics.ready.set(0)
+    model = LocalModel(settings, on_queue_change=model_metrics.queue_length.inc)
     server = build_server(settings, model)  # binds under a umask: before any other thread writes files
     model.start()
+    threading.Thread(
+        target=_report_model, args=(model, settings, model_metrics), name="model-info", daemon=True
+    ).start()
     wait_for_stop_signal()
     log.info("stopping: finishing in-flight calls")
     server.stop(STOP_GRACE_SECONDS).wait()
     exit_now()
+
+
+def _report_model(model: LocalModel, settings: Settings, model_metrics: metrics.ModelMetrics) -> None:
+    """Once the model is loaded: ``app_model_ready`` 1 and ``app_model_info`` with what is served."""
+    if not model.wait_loaded() or model.detector is None:
+        return  # failed: app_model_ready stays 0, and the log says why
+    model_metrics.info.labels(
+        mode=model.detector.mode,
+        weights_sha256=model.detector.weights_sha256,
+        score_threshold=f"{settings.score_threshold:g}",
+        cpu_features=",".join(cpu_features()),
+    ).set(1)
+    model_metrics.ready.set(1)
 
 
 if __name__ == "__main__":
