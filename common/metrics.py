@@ -210,13 +210,14 @@ class ModelMetrics:
     """What the model process records about the model."""
 
     queue_length: Any  # Gauge: calls waiting for their forward pass
+    passes: Any  # Counter: result ("run" or "skipped": the caller had gone away)
     ready: Any  # Gauge: 1 loaded, 0 loading or failed
     info: Any  # Gauge = 1: mode, weights_sha256, score_threshold, cpu_features
 
 
 @functools.cache
 def model_metrics() -> ModelMetrics:
-    from prometheus_client import Gauge
+    from prometheus_client import Counter, Gauge
 
     _require_multiprocess()
     return ModelMetrics(
@@ -224,6 +225,12 @@ def model_metrics() -> ModelMetrics:
             "app_model_queue_length",
             "Calls waiting for their forward pass in the model process",
             multiprocess_mode="livesum",
+            registry=None,
+        ),
+        passes=Counter(
+            "app_model_passes",
+            "Forward passes run, and skipped because the caller had gone away",
+            ["result"],
             registry=None,
         ),
         ready=Gauge(

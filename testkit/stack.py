@@ -3,6 +3,7 @@ gunicorn with the Flask app, the gRPC server), on free loopback ports, in a fold
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -186,6 +187,14 @@ class Stack:
                 continue
             commands[pid] = " ".join(arg.decode(errors="replace") for arg in argv if arg)
         return commands
+
+    def request_lines(self) -> list[dict]:
+        """The JSON log lines of requests (``common.observe``), oldest first."""
+        lines = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{") and '"common.requests"' in line:
+                lines.append(json.loads(line))
+        return lines
 
     def log_tail(self, lines: int = 60) -> str:
         try:

@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 from concurrent import futures
+from typing import Any
 
 import grpc
 
@@ -36,8 +37,9 @@ STATUS_THREADS = 8
 
 
 class ModelServicer:
-    def __init__(self, model: LocalModel):
+    def __init__(self, model: LocalModel, passes: Any = None):
         self.model = model
+        self.passes = passes  # app_model_passes{result}, where metrics are on
 
     def detect(self, payload: bytes, context: grpc.ServicerContext) -> bytes:
         try:
@@ -47,12 +49,14 @@ class ModelServicer:
         try:
             detection = self.model.detect(image, context.is_active)
         except Cancelled as exc:
+            self._count("skipped")
             context.abort(grpc.StatusCode.CANCELLED, exc.message)
         except NotReady as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, exc.message)
         except Exception:
             log.exception("detect failed")
             context.abort(grpc.StatusCode.INTERNAL, "detect failed; see the model process log")
+        self._count("run")
         return json.dumps(
             {
                 "objects": detection.objects,
@@ -60,6 +64,10 @@ class ModelServicer:
                 "pass_seconds": detection.pass_seconds,
             }
         ).encode()
+
+    def _count(self, result: str) -> None:
+        if self.passes is not None:
+            self.passes.labels(result=result).inc()
 
     def status(self, _payload: bytes, _context: grpc.ServicerContext) -> bytes:
         state, message = self.model.status()
@@ -72,7 +80,7 @@ def _server_threads(settings: Settings) -> int:
     return settings.http_workers * settings.http_threads + settings.grpc_threads + STATUS_THREADS
 
 
-def build_server(settings: Settings, model: LocalModel) -> grpc.Server:
+def build_server(settings: Settings, model: LocalModel, passes: Any = None) -> grpc.Server:
     """A started server on the model socket."""
     path = settings.model_socket
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -82,7 +90,7 @@ def build_server(settings: Settings, model: LocalModel) -> grpc.Server:
         futures.ThreadPoolExecutor(max_workers=_server_threads(settings), thread_name_prefix="model"),
         options=[("grpc.max_receive_message_length", max_message_bytes(settings))],
     )
-    servicer = ModelServicer(model)
+    servicer = ModelServicer(model, passes)
     server.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(
@@ -114,7 +122,8 @@ def serve(settings: Settings | None = None) -> None:
     model_metrics = metrics.model_metrics()
     model_metrics.ready.set(0)
     model = LocalModel(settings, on_queue_change=model_metrics.queue_length.inc)
-    server = build_server(settings, model)  # binds under a umask: before any other thread writes files
+    # binds under a umask: before any other thread writes files
+    server = build_server(settings, model, model_metrics.passes)
     model.start()
     threading.Thread(
         target=_report_model, args=(model, settings, model_metrics), name="model-info", daemon=True

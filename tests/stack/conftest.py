@@ -35,13 +35,15 @@ def evaluation_port():
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory, checkpoints, image_server, closed_port, evaluation_port):
     """The main stack: class-A checkpoint with its sha256; the test's own servers allowlisted;
-    ``FAST_LIMITS``."""
+    ``FAST_LIMITS``; admission generous enough that the tests' bursts are never shed (shedding has
+    its own stack in test_overload.py)."""
     path, sha256 = checkpoints[CLASS_A]
     allowed = (image_server.port, closed_port, evaluation_port)
     running = Stack(
         tmp_path_factory.mktemp("stack-a"),
         WEIGHTS_FILE=path, WEIGHTS_SHA256=sha256,
         ALLOWED_PRIVATE_TARGETS=",".join(f"127.0.0.1:{port}" for port in allowed),
+        MAX_QUEUE_WAIT="600",
         **FAST_LIMITS,
     ).start()
     try:
