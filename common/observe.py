@@ -75,6 +75,8 @@ class Observer:
         self.protocol = protocol
         self.status_of = status_of
         self.metrics = metrics.request_metrics()
+        # exported at 0 from the start, so that rates and alerts on shedding have a series to read
+        self.metrics.shed.labels(protocol=protocol)
 
     @contextmanager
     def request(self, offered_id: str | None = None) -> Iterator[RequestRecord]:

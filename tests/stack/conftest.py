@@ -1,8 +1,14 @@
-"""Fixtures of the stack tests: the loopback image server and the main stack (one per session)."""
+"""Fixtures of the stack tests: the loopback image server, the main stack (one per session) and a
+real Prometheus scraping it."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import time
+
 import pytest
+import requests
 
 from testkit.checkpoints import CLASS_A
 from testkit.image_server import ImageServer
@@ -57,3 +63,38 @@ def stack(tmp_path_factory, checkpoints, image_server, closed_port, evaluation_p
 def grpc_predict(stack, grpc_client):
     """Predict on the main stack."""
     return lambda url, timeout=120: grpc_client(stack.grpc_target, url, timeout)
+
+
+@pytest.fixture
+def prometheus(tmp_path, stack):
+    """A real Prometheus scraping the main stack every second (job ``instance-detector``, as in
+    deploy/prometheus/prometheus.yml); its base URL."""
+    binary = shutil.which("prometheus")
+    assert binary, "the prometheus binary is missing: scripts/test installs Debian's 'prometheus'"
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n"
+        "scrape_configs:\n  - job_name: instance-detector\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{stack.http_port}']\n"
+    )
+    log = open(tmp_path / "prometheus.log", "wb")
+    process = subprocess.Popen(
+        [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(base + "/-/ready", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert process.poll() is None, (tmp_path / "prometheus.log").read_text()
+            time.sleep(0.25)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()

@@ -1,16 +1,13 @@
 """Real clients: grpcurl through server reflection, and a real Prometheus scraping /metrics."""
 
 import json
-import shutil
 import subprocess
 import time
 
-import pytest
 import requests
 
 from testkit import VENV_BIN
 from testkit.checkpoints import CLASS_A
-from testkit.stack import free_port
 
 GRPCURL = str(VENV_BIN / "grpcurl")
 
@@ -40,39 +37,6 @@ def test_grpcurl_predict_matches_http(stack, image_server):
 
 def test_grpcurl_health_check(stack):
     assert json.loads(grpcurl(stack.grpc_target, "grpc.health.v1.Health/Check")) == {"status": "SERVING"}
-
-
-@pytest.fixture
-def prometheus(tmp_path, stack):
-    binary = shutil.which("prometheus")
-    assert binary, "the prometheus binary is missing: scripts/test installs Debian's 'prometheus'"
-    port = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n"
-        "scrape_configs:\n  - job_name: detector\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{stack.http_port}']\n"
-    )
-    log = open(tmp_path / "prometheus.log", "wb")
-    process = subprocess.Popen(
-        [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(base + "/-/ready", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert process.poll() is None, (tmp_path / "prometheus.log").read_text()
-            time.sleep(0.25)
-        yield base
-    finally:
-        process.terminate()
-        process.wait(30)
-        log.close()
 
 
 def test_prometheus_scrapes_the_true_counter(stack, image_server, prometheus):
