@@ -12,7 +12,7 @@ from urllib3.exceptions import ReadTimeoutError
 
 from common.config import Settings
 from common.errors import ForbiddenTarget, InvalidRequest, TooLarge, UpstreamFailed, UpstreamTimeout
-from common.netguard import Allowlist, GuardedHTTPAdapter
+from common.netguard import Allowlist, GuardedHTTPAdapter, response_deadline
 
 ALLOWED_SCHEMES = ("http", "https")
 _REDIRECT_STATUSES = (301, 302, 303, 307, 308)
@@ -98,6 +98,7 @@ class ImageFetcher:
             min(self.settings.fetch_connect_timeout, remaining),
             min(self.settings.fetch_read_timeout, remaining),
         )
+        token = response_deadline.set(deadline)
         try:
             return self.session.get(url, stream=True, timeout=timeout, allow_redirects=False)
         except ForbiddenTarget:
@@ -107,9 +108,15 @@ class ImageFetcher:
         except requests.Timeout:
             raise UpstreamTimeout("the image host did not answer in time") from None
         except requests.ConnectionError as exc:
+            if time.monotonic() >= deadline:  # cut off by the deadline while sending its headers
+                raise UpstreamTimeout("the image download exceeded its overall deadline") from None
             raise UpstreamFailed(f"could not connect to the image host: {_short(exc)}") from None
         except requests.RequestException as exc:
+            if time.monotonic() >= deadline:
+                raise UpstreamTimeout("the image download exceeded its overall deadline") from None
             raise UpstreamFailed(f"the image request failed: {_short(exc)}") from None
+        finally:
+            response_deadline.reset(token)
 
     def _read_body(self, response: requests.Response, deadline: float) -> bytes:
         """The body, capped in bytes and time. Each read returns what one receive brings
@@ -140,6 +147,8 @@ class ImageFetcher:
                 raise UpstreamTimeout("the image download exceeded its overall deadline") from None
             raise UpstreamTimeout("the image host stopped sending data") from None
         except (Urllib3Error, OSError) as exc:
+            if time.monotonic() >= deadline:
+                raise UpstreamTimeout("the image download exceeded its overall deadline") from None
             raise UpstreamFailed(f"the image download broke off: {_short(exc)}") from None
 
 

@@ -12,8 +12,12 @@ connect, and redirects to internal hosts all meet the same check.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ipaddress
 import socket
+import threading
+import time
 from dataclasses import dataclass
 
 from requests.adapters import HTTPAdapter
@@ -151,10 +155,38 @@ def connect_checked(host: str, port: int, timeout, allowlist: Allowlist, socket_
     raise last_error or OSError(f"no address to connect to for {host!r}")
 
 
+# When set (a ``time.monotonic()`` value), the moment by which a response's status line and headers
+# must have arrived: a host that drips header bytes within every read timeout is cut off there.
+response_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "response_deadline", default=None
+)
+
+
 class _GuardedConnectionMixin(HTTPConnection):
-    """Mixed into urllib3's HTTP and HTTPS connections: connects through ``connect_checked``."""
+    """Mixed into urllib3's HTTP and HTTPS connections: connects through ``connect_checked`` and
+    reads a response's head within ``response_deadline``."""
 
     allowlist: Allowlist = Allowlist()
+
+    def getresponse(self, *args, **kwargs):
+        deadline = response_deadline.get()
+        if deadline is None:
+            return super().getresponse(*args, **kwargs)
+        # Read timeouts bound each read, not their sum: past the deadline the socket is shut down,
+        # so the read under way fails at once (the caller reports the deadline).
+        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), self._cut_off)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            return super().getresponse(*args, **kwargs)
+        finally:
+            watchdog.cancel()
+
+    def _cut_off(self) -> None:
+        sock = self.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already closed
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _new_conn(self):  # same error mapping as urllib3's own implementation
         try:

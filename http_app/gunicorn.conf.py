@@ -19,6 +19,9 @@ worker_class = "gthread" if _settings.http_threads > 1 else "sync"
 # model client's own deadline expires first, so a worker is never killed mid-request.
 timeout = int(_settings.request_deadline)
 graceful_timeout = 30
+# Idle keep-alive connections stay open longer than any Retry-After and than the usual load
+# balancer idle timeouts (60 s), so that a client never sends on a connection being closed.
+keepalive = 75
 # In JSON mode the app's own line per request (common.observe) replaces the access log.
 accesslog = "-" if _settings.log_format == "text" else None
 errorlog = "-"

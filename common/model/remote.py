@@ -16,7 +16,9 @@ from common.model.wire import DETECT, STATUS, max_message_bytes, pack_image
 
 log = logging.getLogger(__name__)
 
-STATUS_TIMEOUT = 2.0
+# Readiness answers within a second whatever happens: a Status call waits this long for a
+# (re)connecting model process, no longer.
+STATUS_TIMEOUT = 0.8
 # How often a server waiting for the model checks that its client is still there; a client gone
 # cancels the call, and the model process skips the pass if it has not started.
 CLIENT_CHECK_SECONDS = 0.25
@@ -36,6 +38,11 @@ class RemoteModel:
             options=[
                 ("grpc.max_send_message_length", max_message_bytes(settings)),
                 ("grpc.max_receive_message_length", 1 << 20),
+                # a local socket: reconnect within a second of the model process coming back
+                # (gRPC's defaults back off up to two minutes, meant for remote servers)
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000),
             ],
         )
         self._detect = self._channel.unary_unary(DETECT)
@@ -48,7 +55,7 @@ class RemoteModel:
     def status(self) -> tuple[str, str]:
         """(state, message) as the model process reports it; 'loading' while it cannot be reached."""
         try:
-            reply = json.loads(self._status(b"", timeout=STATUS_TIMEOUT))
+            reply = json.loads(self._status(b"", timeout=STATUS_TIMEOUT, wait_for_ready=True))
             state, message = reply["state"], reply["message"]
         except grpc.RpcError:
             state, message = "loading", "the model process is not answering yet (starting or restarting)"

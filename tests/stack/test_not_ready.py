@@ -37,8 +37,13 @@ def test_bad_weights_leave_the_service_up_but_not_ready(tmp_path, checkpoints, i
         stack.wait_until(lambda: stack.log_path.read_text(errors="replace").count("MODEL NOT LOADED") == 1,
                          what="the failed model load")
         assert requests.get(stack.http + "/healthz", timeout=5).status_code == 200
-        ready = requests.get(stack.http + "/readyz", timeout=5)
-        assert ready.status_code == 503 and named_setting in ready.json()["message"]
+        # each worker reports the reason once its channel to the model process is up (within a
+        # second or so of the first try); from then on every answer names the setting
+        stack.wait_until(lambda: named_setting in requests.get(stack.http + "/readyz", timeout=5).json()["message"],
+                         10, "the reason on /readyz")
+        for _ in range(6):
+            ready = requests.get(stack.http + "/readyz", timeout=5)
+            assert ready.status_code == 503 and named_setting in ready.json()["message"]
 
         response = stack.predict_http(image_server.url("/img/jpeg"))
         assert response.status_code == 503
