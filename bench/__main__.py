@@ -28,29 +28,14 @@ import threading
 import time
 from pathlib import Path
 
+from testkit.stack import pss_kib, tree_pss_mib
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 SERVICE_THRESHOLD = 0.75  # the service's SCORE_THRESHOLD default, and the reference's box_score_thresh
 
 
 # --------------------------------------------------------------------------- helpers
-
-def pss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as handle:
-            for line in handle:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def tree_pss_mib(root: int) -> float:
-    from testkit.stack import process_tree
-
-    return sum(pss_kib(pid) for pid in process_tree(root)) / 1024
-
 
 def percentile(values, q):
     ordered = sorted(values)
@@ -172,7 +157,7 @@ def in_process(weights: Path, images, repeats: int, modes: list[str]) -> dict:
 def one_process_pss(weights: Path, mode: str, env_extra: dict) -> float:
     """PSS (MiB) of a lone process that loaded the model and ran one detection."""
     code = (
-        "import sys; from bench.__main__ import detect_settings, pss_kib; from pathlib import Path;"
+        "import sys; from bench.__main__ import detect_settings; from testkit.stack import pss_kib; from pathlib import Path;"
         "from testkit.images import photo_like; from common.model.detector import Detector;"
         "import os;"
         f"d = Detector.from_settings(detect_settings(Path({str(weights)!r}), {mode!r}));"
@@ -524,17 +509,23 @@ def main(argv=None) -> int:
         local = Detector.from_settings(detect_settings(weights, default_mode))
         data["stack"] = stack_section(weights, images, args, {}, local.detect)
         del local
+    save_results(args.label, data, report)
+    return 0
+
+
+def save_results(name: str, data: dict, render) -> None:
+    """Write bench/results/<name>.json (first, so that a bug in ``render`` loses nothing), then the
+    table ``render(data)`` gives into the JSON and <name>.md, and print it."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{args.label}.json"
-    out.write_text(json.dumps(data, indent=1))  # first, so that a report bug loses nothing
-    table = report(data)
+    out = RESULTS / f"{name}.json"
+    out.write_text(json.dumps(data, indent=1))
+    table = render(data)
     data["table"] = table
     out.write_text(json.dumps(data, indent=1))
-    (RESULTS / f"{args.label}.md").write_text(table + "\n")
+    (RESULTS / f"{name}.md").write_text(table + "\n")
     print()
     print(table)
     print(f"\nJSON: {out}")
-    return 0
 
 
 if __name__ == "__main__":

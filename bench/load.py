@@ -30,7 +30,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from bench.__main__ import save_results
+from testkit.stack import tree_pss_mib
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -49,20 +51,6 @@ KILL_BOUNDS = {"worker": 60.0, "grpc": 90.0, "model": 300.0}  # seconds to come 
 
 
 # --------------------------------------------------------------------------- measurements
-
-def pss_mib(root: int) -> float:
-    """PSS of ``root`` and every process below it (MiB), from /proc/PID/smaps_rollup."""
-    from testkit.stack import process_tree
-
-    total_kib = 0
-    for pid in process_tree(root):
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as handle:
-                total_kib += next(int(line.split()[1]) for line in handle if line.startswith("Pss:"))
-        except (OSError, StopIteration):
-            continue
-    return total_kib / 1024
-
 
 def percentile(values, q: float) -> float | None:
     ordered = sorted(values)
@@ -245,7 +233,7 @@ class Clients:
 def load_run(stack, url: str, count: int, duration: float, polite: bool) -> tuple[dict, list[Call]]:
     """``count`` clients for ``duration`` s; the figures of the run and its calls."""
     pid = stack.process.pid
-    before = pss_mib(pid)
+    before = tree_pss_mib(pid)
     prober = subprocess.Popen(
         [sys.executable, "-m", "bench.load", "--probe", stack.http, stack.grpc_target, str(duration)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -253,7 +241,7 @@ def load_run(stack, url: str, count: int, duration: float, polite: bool) -> tupl
     began = time.monotonic()
     peak, pass_seconds = before, []
     while time.monotonic() < began + duration:
-        peak = max(peak, pss_mib(pid))
+        peak = max(peak, tree_pss_mib(pid))
         with contextlib.suppress(OSError, ValueError):  # not published yet
             pass_seconds.append(float((stack.run_dir / "pass-seconds").read_text()))
         time.sleep(1.0)
@@ -262,7 +250,7 @@ def load_run(stack, url: str, count: int, duration: float, polite: bool) -> tupl
     out, err = prober.communicate(timeout=120)
     health = json.loads(out) if prober.returncode == 0 else {"failures": [err[-500:]]}
     time.sleep(3)  # let freed memory settle before "after"
-    after = pss_mib(pid)
+    after = tree_pss_mib(pid)
     calls = clients.calls
     by_kind = {kind: [c for c in calls if c.kind == kind] for kind in ("ok", "shed", "error", "lost")}
     accepted = [c.seconds for c in by_kind["ok"]]
@@ -304,13 +292,6 @@ def warm_up(stack, url: str) -> None:
             inference_pb2.InstanceDetectorInput(url=url), timeout=CALL_TIMEOUT)
 
 
-def _workers(stack) -> set[int]:
-    from testkit.stack import process_tree
-
-    master = stack.program_pid("detector:http")
-    return set(process_tree(master)[1:]) if master else set()
-
-
 def _wait(predicate, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -332,19 +313,14 @@ def _ready(stack) -> bool:
 
 def kill_and_time(stack, name: str) -> dict:
     """SIGKILL to ``name`` (worker, grpc, model); seconds until it is back and the stack ready."""
-    if name == "worker":
-        old = _workers(stack)
-        victim = min(old)
-    else:
-        program = "detector:grpc" if name == "grpc" else "model"
-        victim = stack.program_pid(program)
-    killed = time.monotonic()
-    os.kill(victim, signal.SIGKILL)
+    old = stack.worker_pids()
+    program = {"grpc": "detector:grpc", "model": "model"}.get(name, "detector:http")
+    victim, killed = stack.sigkill(name)
     bound = KILL_BOUNDS[name]
     if name == "worker":
         # back: a new worker that has loaded the app (its first metrics file is written then)
         def back():
-            new = _workers(stack) - old
+            new = stack.worker_pids() - old
             return new and any(stack.metrics_dir.glob(f"*_{min(new)}.db"))
     else:
         def back():
@@ -535,14 +511,7 @@ def main(argv=None) -> int:
     shutil.rmtree(stack.workdir, ignore_errors=True)  # kept (with its stack.log) only if the run failed
     if args.forced:
         shutil.rmtree(weights.parent, ignore_errors=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"load-{args.label}.json"
-    out.write_text(json.dumps(data, indent=1))  # first, so that a report bug loses nothing
-    table = report(data)
-    (RESULTS / f"load-{args.label}.md").write_text(table + "\n")
-    print()
-    print(table)
-    print(f"\nJSON: {out}")
+    save_results(f"load-{args.label}", data, report)
     return 0
 
 

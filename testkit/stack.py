@@ -47,6 +47,20 @@ def process_tree(root: int) -> list[int]:
     return found
 
 
+def pss_kib(pid: int) -> int:
+    """Proportional set size of one process (KiB; 0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            return next((int(line.split()[1]) for line in handle if line.startswith("Pss:")), 0)
+    except OSError:
+        return 0
+
+
+def tree_pss_mib(root: int) -> float:
+    """PSS of ``root`` and every process below it (MiB)."""
+    return sum(pss_kib(pid) for pid in process_tree(root)) / 1024
+
+
 def free_port() -> int:
     """A free loopback port below Linux's ephemeral range, so that no outgoing connection's
     source port takes it between this check and the server's bind."""
@@ -176,6 +190,27 @@ class Stack:
         """The pid supervisord reports for ``program`` (``model``, ``detector:http``,
         ``detector:grpc``); 0 while it is not running."""
         return int(self.supervisorctl("pid", program).strip() or 0)
+
+    def pss_mib(self) -> float:
+        """PSS of supervisord and every process below it (MiB)."""
+        assert self.process is not None
+        return tree_pss_mib(self.process.pid)
+
+    def worker_pids(self) -> set[int]:
+        """The gunicorn workers' pids (below the master supervisord runs as detector:http)."""
+        master = self.program_pid("detector:http")
+        return set(process_tree(master)[1:]) if master else set()
+
+    def sigkill(self, name: str) -> tuple[int, float]:
+        """SIGKILL to ``name``: ``worker`` (the oldest gunicorn worker), ``grpc`` or ``model``;
+        (the pid killed, ``time.monotonic()`` just before)."""
+        if name == "worker":
+            victim = min(self.worker_pids())
+        else:
+            victim = self.program_pid({"grpc": "detector:grpc", "model": "model"}[name])
+        killed = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        return victim, killed
 
     def processes(self) -> dict[int, str]:
         """{pid: command line} of supervisord and every process below it."""

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import re
-import signal
 import socketserver
 import threading
 import time
@@ -28,7 +26,7 @@ import requests
 from testkit.checkpoints import CLASS_A
 from testkit.clients import metric_sum
 from testkit.images import encode, scene
-from testkit.stack import FAST_LIMITS, Stack, process_tree
+from testkit.stack import FAST_LIMITS, Stack
 
 JPEG = encode(scene(320, 240, seed=7), "JPEG", quality=90)
 FETCH_TOTAL_TIMEOUT = float(FAST_LIMITS["FETCH_TOTAL_TIMEOUT"])
@@ -42,18 +40,6 @@ OFFERED_BYTES = 64 * 1024 * 1024  # what the endless routes offer, far over FETC
 APP_CODES = ("invalid_request", "forbidden_target", "too_large", "not_an_image", "upstream_failed",
              "upstream_timeout", "not_ready", "overloaded", "cancelled", "internal")
 APP_DETAILS = re.compile("^({}): ".format("|".join(APP_CODES)))
-
-
-def stack_pss_mib(stack: Stack) -> float:
-    """PSS of supervisord and every process below it (MiB)."""
-    total_kib = 0
-    for pid in process_tree(stack.process.pid):
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as handle:
-                total_kib += next(int(line.split()[1]) for line in handle if line.startswith("Pss:"))
-        except (OSError, StopIteration):
-            continue  # gone meanwhile
-    return total_kib / 1024
 
 
 # --------------------------------------------------------------------------- the hostile host
@@ -295,11 +281,11 @@ def test_stack_memory_does_not_grow_across_twenty_hostile_requests(fault_stack, 
     for expected, (_status, outcome, _) in run(warm_up):  # every path and thread pool used once
         assert outcome == expected
     time.sleep(1)
-    before = stack_pss_mib(stack)
+    before = stack.pss_mib()
     calls = [(("http", "grpc")[index % 2], kinds[index % len(kinds)]) for index in range(20)]
     results = run(calls)
     time.sleep(1)
-    after = stack_pss_mib(stack)
+    after = stack.pss_mib()
     assert [outcome for _, (_, outcome, _) in results] == [code for code, _ in results]
     print(f"stack PSS across 20 hostile requests: {before:.0f} -> {after:.0f} MiB")
     # 20 retained bodies would be up to 40 MiB; allocator noise across ~40 threads stays below 24
@@ -433,26 +419,16 @@ def counters(stack: Stack) -> tuple[float, float]:
     return found["app_http_inference_count_total"], found["app_grpc_inference_count_total"]
 
 
-def _workers(stack: Stack) -> set[int]:
-    master = stack.program_pid("detector:http")
-    return set(process_tree(master)[1:]) if master else set()
-
-
 def _kill_and_wait(stack: Stack, traffic: Traffic, name: str, bound: float) -> tuple[float, float]:
     """SIGKILL to ``name`` (a gunicorn worker, the gRPC server or the model process); wait until it
     is back: a new pid, the stack ready, and a call answered with success on each protocol after
     the new pid was seen (for the gRPC server and the model process, necessarily by the new
     process). Returns the moment of the kill and the seconds from it until the stack was ready."""
+    old = stack.worker_pids()
+    program = {"grpc": "detector:grpc", "model": "model"}.get(name, "detector:http")
+    victim, killed = stack.sigkill(name)
     if name == "worker":
-        old = _workers(stack)
-        victim = min(old)
-    else:
-        program = "detector:grpc" if name == "grpc" else "model"
-        victim = stack.program_pid(program)
-    killed = time.monotonic()
-    os.kill(victim, signal.SIGKILL)
-    if name == "worker":
-        stack.wait_until(lambda: len(_workers(stack) - old) == 1 and len(_workers(stack)) == 2,
+        stack.wait_until(lambda: len(stack.worker_pids() - old) == 1 and len(stack.worker_pids()) == 2,
                          bound, "a new gunicorn worker")
     else:
         stack.wait_until(lambda: stack.program_pid(program) not in (0, victim), bound, f"{program} restarted")

@@ -23,7 +23,7 @@ import requests
 from testkit import REPO
 from testkit.checkpoints import CLASS_A
 from testkit.clients import metric_sum
-from testkit.stack import FAST_LIMITS, Stack, process_tree
+from testkit.stack import FAST_LIMITS, Stack
 
 DURATION = 15.0  # seconds of load per run
 # Admission: one pass running plus as many waiting as start within MAX_QUEUE_WAIT (a few passes
@@ -33,18 +33,6 @@ FETCH_ALLOWANCE = 2.0  # a loopback fetch and decode of a 320x240 JPEG, with roo
 LATENCY_SLACK = 1.5  # on the derived bound: passes slow down under a flood on two cores
 FAST = 1.0  # seconds: a shed, and every health check, are answered within this
 MEMORY_RATIO, MEMORY_SLACK_MIB = 1.3, 64
-
-
-def stack_pss_mib(stack: Stack) -> float:
-    """PSS of supervisord and every process below it (MiB)."""
-    total_kib = 0
-    for pid in process_tree(stack.process.pid):
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as handle:
-                total_kib += next(int(line.split()[1]) for line in handle if line.startswith("Pss:"))
-        except (OSError, StopIteration):
-            continue
-    return total_kib / 1024
 
 
 def published_pass_seconds(stack: Stack) -> float | None:
@@ -183,7 +171,7 @@ def run_load(stack: Stack, stubs, url: str, clients: int, polite: bool, duration
         thread.start()
     end = time.monotonic() + duration
     while time.monotonic() < end:
-        run.pss.append(stack_pss_mib(stack))
+        run.pss.append(stack.pss_mib())
         run.pass_seconds.append(published_pass_seconds(stack))
         time.sleep(1.0)
     stop.set()
@@ -217,7 +205,7 @@ def idle_pss(load_stack, image_server, grpc_client):
     assert load_stack.predict_http(url).json() == {"objects": [CLASS_A]}
     assert grpc_client(load_stack.grpc_target, url) == [CLASS_A]
     time.sleep(2)
-    return stack_pss_mib(load_stack)
+    return load_stack.pss_mib()
 
 
 @pytest.mark.parametrize(("clients", "polite"), [(32, True), (32, False), (64, True), (64, False)],
@@ -234,7 +222,7 @@ def test_many_clients_get_fast_sheds_bounded_waits_and_fast_health(load_stack, i
     stack.wait_until(lambda: metric_sum(stack.http, "app_requests_in_flight") == 0, 15,
                      "app_requests_in_flight back to 0")
     time.sleep(2)
-    after = stack_pss_mib(stack)
+    after = stack.pss_mib()
     accepted = [seconds for _, _, seconds, _ in run.of("ok")]
     shed = [seconds for _, _, seconds, _ in run.of("shed")]
     passes = [value for value in run.pass_seconds if value] or [published_pass_seconds(stack)]
