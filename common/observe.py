@@ -75,6 +75,7 @@ class Observer:
         self.protocol = protocol
         self.status_of = status_of
         self.metrics = metrics.request_metrics()
+        self._in_flight = self.metrics.in_flight.labels(protocol=protocol)
         # exported at 0 from the start, so that rates and alerts on shedding have a series to read
         self.metrics.shed.labels(protocol=protocol)
 
@@ -83,7 +84,7 @@ class Observer:
         record = RequestRecord(
             self.protocol,
             request_id(offered_id),
-            in_flight_gauge=self.metrics.in_flight.labels(protocol=self.protocol),
+            in_flight_gauge=self._in_flight,
         )
         error: DetectionError | None = None
         try:

@@ -8,18 +8,14 @@ this package does not import torch: a server whose model lives in the model proc
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 from PIL import Image
 
 from common.config import Settings
-from common.model.detection import Detection
+from common.model.detection import ClientAlive, Detection
 from common.model.local import LocalModel
 from common.model.remote import RemoteModel
-
-# Asked before a queued pass starts: False when the client has gone away (the pass is skipped).
-ClientAlive = Callable[[], bool]
 
 
 class Model(Protocol):

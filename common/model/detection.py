@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+
+# Asked before a queued pass starts: False when the client has gone away (the pass is skipped).
+ClientAlive = Callable[[], bool]
 
 
 @dataclass(frozen=True)

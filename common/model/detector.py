@@ -14,7 +14,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from common.config import Settings
 from common.errors import Cancelled
 from common.model import accel
-from common.model.detection import Detection
+from common.model.detection import ClientAlive, Detection
 from common.model.weights import COCO_CATEGORIES, build_model, load_state_dict, state_dict_sha256
 
 log = logging.getLogger(__name__)
@@ -67,17 +67,23 @@ class Detector:
     def detect_raw(self, image: Image.Image) -> dict[str, torch.Tensor]:
         """The model's output for ``image``: ``boxes`` (x1, y1, x2, y2 in pixels), ``scores``,
         ``labels`` (indices into ``categories``), best first."""
-        tensor = pil_to_tensor(image).float().div_(255.0)
-        with self._lock, torch.inference_mode():
-            return self.model([tensor])[0]
+        return self._forward(image)[0]
 
     def detect(self, image: Image.Image) -> list[str]:
         """COCO category names of the instances scoring above the threshold, best first."""
         return self.run(image).objects
 
-    def run(self, image: Image.Image, proceed: Callable[[], bool] | None = None) -> Detection:
+    def run(self, image: Image.Image, proceed: ClientAlive | None = None) -> Detection:
         """``detect`` with its timings; ``proceed`` is asked once the pass could start (``False``:
         ``Cancelled``, no pass)."""
+        output, queue_seconds, pass_seconds = self._forward(image, proceed)
+        objects = [self.categories[index] for index in output["labels"].tolist()]
+        return Detection(objects, queue_seconds, pass_seconds)
+
+    def _forward(
+        self, image: Image.Image, proceed: ClientAlive | None = None
+    ) -> tuple[dict[str, torch.Tensor], float, float]:
+        """One pass, under the lock: (output, seconds waiting for the lock, seconds of the pass)."""
         tensor = pil_to_tensor(image).float().div_(255.0)
         arrived = time.perf_counter()
         with self._lock, torch.inference_mode():
@@ -85,6 +91,4 @@ class Detector:
             if proceed is not None and not proceed():
                 raise Cancelled("the client went away before its forward pass")
             output = self.model([tensor])[0]
-        finished = time.perf_counter()
-        objects = [self.categories[index] for index in output["labels"].tolist()]
-        return Detection(objects, queue_seconds=started - arrived, pass_seconds=finished - started)
+        return output, started - arrived, time.perf_counter() - started

@@ -22,7 +22,7 @@ from PIL import Image
 from common.admission import publish_pass_seconds
 from common.config import Settings
 from common.errors import ModelLoadError, NotReady
-from common.model.detection import Detection
+from common.model.detection import ClientAlive, Detection
 
 if TYPE_CHECKING:
     from common.model.detector import Detector
@@ -91,7 +91,7 @@ class LocalModel:
         if self._load_error is not None:
             raise NotReady(f"model not loaded: {self._load_error}")
 
-    def detect(self, image: Image.Image, client_alive: Callable[[], bool] | None = None) -> Detection:
+    def detect(self, image: Image.Image, client_alive: ClientAlive | None = None) -> Detection:
         self.start()
         if not self.wait_loaded(self.settings.model_wait_timeout):
             raise NotReady(f"model not loaded: {self.status()[1]}")
@@ -114,9 +114,7 @@ class LocalModel:
                 self._on_queue_change(-1)
         return detection
 
-    def _run(
-        self, detector: Detector, image: Image.Image, proceed: Callable[[], bool], arrived: float
-    ) -> Detection:
+    def _run(self, detector: Detector, image: Image.Image, proceed: ClientAlive, arrived: float) -> Detection:
         waited = time.perf_counter() - arrived
         detection = detector.run(image, proceed)
         self._publish_pass_seconds(detection.pass_seconds)

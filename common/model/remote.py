@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable
 
 import grpc
 from PIL import Image
 
 from common.config import DETECT_ALLOWANCE_SECONDS, Settings
 from common.errors import Cancelled, DetectionError, NotReady, TooLarge
-from common.model.detection import Detection
-from common.model.wire import DETECT, STATUS, max_message_bytes, pack_image
+from common.model.detection import ClientAlive, Detection
+from common.model.wire import DETECT, STATUS, max_message_bytes, pack_image, unpack_detection, unpack_status
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +53,7 @@ class RemoteModel:
     def status(self) -> tuple[str, str]:
         """(state, message) as the model process reports it; 'loading' while it cannot be reached."""
         try:
-            reply = json.loads(self._status(b"", timeout=STATUS_TIMEOUT, wait_for_ready=True))
-            state, message = reply["state"], reply["message"]
+            state, message = unpack_status(self._status(b"", timeout=STATUS_TIMEOUT, wait_for_ready=True))
         except grpc.RpcError:
             state, message = "loading", "the model process is not answering yet (starting or restarting)"
         self._known_ready = state == "ready"
@@ -70,14 +67,14 @@ class RemoteModel:
         if state == "failed":
             raise NotReady(f"model not loaded: {message}")
 
-    def detect(self, image: Image.Image, client_alive: Callable[[], bool] | None = None) -> Detection:
+    def detect(self, image: Image.Image, client_alive: ClientAlive | None = None) -> Detection:
         try:
             return self._call_detect(image, client_alive)
         except NotReady:
             self._known_ready = False
             raise
 
-    def _call_detect(self, image: Image.Image, client_alive: Callable[[], bool] | None) -> Detection:
+    def _call_detect(self, image: Image.Image, client_alive: ClientAlive | None) -> Detection:
         try:  # a process being (re)started by supervisord gets MODEL_WAIT_TIMEOUT to come up
             grpc.channel_ready_future(self._channel).result(timeout=self.settings.model_wait_timeout)
         except grpc.FutureTimeoutError:
@@ -115,5 +112,4 @@ class RemoteModel:
                 ) from None
             log.error("model process call failed: %s %s", code, exc.details())
             raise DetectionError("internal error in the model process; see the service log") from None
-        answer = json.loads(reply)
-        return Detection(answer["objects"], answer["queue_seconds"], answer["pass_seconds"])
+        return unpack_detection(reply)

@@ -11,7 +11,6 @@ for one request overlaps with the forward pass of another.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -26,7 +25,7 @@ from common.errors import Cancelled, NotReady
 from common.logs import configure_logging
 from common.model.accel.backend import cpu_features
 from common.model.local import LocalModel
-from common.model.wire import SERVICE, max_message_bytes, unpack_image
+from common.model.wire import SERVICE, max_message_bytes, pack_detection, pack_status, unpack_image
 from common.process import exit_now, wait_for_stop_signal
 
 log = logging.getLogger("common.model.server")  # also when run as __main__
@@ -57,21 +56,14 @@ class ModelServicer:
             log.exception("detect failed")
             context.abort(grpc.StatusCode.INTERNAL, "detect failed; see the model process log")
         self._count("run")
-        return json.dumps(
-            {
-                "objects": detection.objects,
-                "queue_seconds": detection.queue_seconds,
-                "pass_seconds": detection.pass_seconds,
-            }
-        ).encode()
+        return pack_detection(detection)
 
     def _count(self, result: str) -> None:
         if self.passes is not None:
             self.passes.labels(result=result).inc()
 
     def status(self, _payload: bytes, _context: grpc.ServicerContext) -> bytes:
-        state, message = self.model.status()
-        return json.dumps({"state": state, "message": message}).encode()
+        return pack_status(*self.model.status())
 
 
 def _server_threads(settings: Settings) -> int:
