@@ -10,6 +10,8 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -132,6 +134,16 @@ class Stack:
         )
         log.close()
         return self
+
+    @contextmanager
+    def running(self) -> Iterator[Stack]:
+        """Start, wait until ready, and on leaving stop; a stop that does not exit 0 fails."""
+        self.start()
+        try:
+            self.wait_ready()
+            yield self
+        finally:
+            assert self.stop() == 0
 
     def wait_until(self, predicate, timeout: float = 120.0, what: str = "the stack") -> None:
         deadline = time.monotonic() + timeout

@@ -170,12 +170,9 @@ def fault_stack(tmp_path_factory, checkpoints, image_server, hostile_host):
     path, sha256 = checkpoints[CLASS_A]
     allowed = f"127.0.0.1:{image_server.port},127.0.0.1:{hostile_host.port}"
     stack = Stack(tmp_path_factory.mktemp("stack-faults"), WEIGHTS_FILE=path, WEIGHTS_SHA256=sha256,
-                  ALLOWED_PRIVATE_TARGETS=allowed, MAX_QUEUE_WAIT="120", **FAST_LIMITS).start()
-    try:
-        stack.wait_ready()
+                  ALLOWED_PRIVATE_TARGETS=allowed, MAX_QUEUE_WAIT="120", **FAST_LIMITS)
+    with stack.running():
         yield stack
-    finally:
-        assert stack.stop() == 0
 
 
 @pytest.fixture(scope="module")

@@ -190,12 +190,9 @@ def load_stack(tmp_path_factory, checkpoints, image_server):
     path, sha256 = checkpoints[CLASS_A]
     stack = Stack(tmp_path_factory.mktemp("stack-load"), WEIGHTS_FILE=path, WEIGHTS_SHA256=sha256,
                   ALLOWED_PRIVATE_TARGETS=f"127.0.0.1:{image_server.port}", MAX_QUEUE_WAIT=MAX_QUEUE_WAIT,
-                  **FAST_LIMITS).start()
-    try:
-        stack.wait_ready()
+                  **FAST_LIMITS)
+    with stack.running():
         yield stack
-    finally:
-        assert stack.stop() == 0
 
 
 @pytest.fixture(scope="module")

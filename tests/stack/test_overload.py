@@ -31,12 +31,9 @@ def small_stack(tmp_path_factory, checkpoints, image_server):
         ALLOWED_PRIVATE_TARGETS=f"127.0.0.1:{image_server.port}",
         MAX_QUEUE_WAIT="0",
         **FAST_LIMITS,
-    ).start()
-    try:
-        stack.wait_ready()
+    )
+    with stack.running():
         yield stack
-    finally:
-        assert stack.stop() == 0
 
 
 def _grpc_call(stub_and_pb2, target, url, timeout=30.0, metadata=()):
