@@ -78,6 +78,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SCORE_THRESHOLD", "score_threshold", float, "user", minimum=0.0, maximum=1.0),
     Setting("WEIGHTS_FILE", "weights_file", _text, "user"),
     Setting("WEIGHTS_SHA256", "weights_sha256", _sha256, "user"),
+    Setting("LABELS_FILE", "labels_file", _text, "user"),
     Setting("DETECT_MODE", "detect_mode", _lower, "user", choices=DETECT_MODES),
     Setting("BIND_HOST", "bind_host", _text, "user"),
     Setting("HTTP_PORT", "http_port", int, "user", minimum=1, maximum=65535),
@@ -101,6 +102,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_REQUEST_BYTES", "max_request_bytes", int, "limits", minimum=256),
     Setting("MODEL_WAIT_TIMEOUT", "model_wait_timeout", float, "limits", minimum=0.0),
     Setting("MAX_QUEUE_WAIT", "max_queue_wait", float, "limits", minimum=0.0),
+    Setting("MIN_SCORE_THRESHOLD", "min_score_threshold", float, "limits", minimum=0.05, maximum=1.0),
+    Setting("MAX_BATCH_IMAGES", "max_batch_images", int, "limits", minimum=1, maximum=1000),
+    Setting("MAX_UPLOAD_BYTES", "max_upload_bytes", int, "limits", minimum=1024),
     # Tuning: the defaults are the measured best on 2-core machines
     Setting("TORCH_THREADS", "torch_threads", int, "tuning", minimum=0),
     Setting("HTTP_THREADS", "http_threads", int, "tuning", minimum=1),
@@ -118,6 +122,8 @@ class Settings:
     score_threshold: float = 0.75
     weights_file: str = ""  # empty: torchvision's COCO_V1 weights via the torch hub cache
     weights_sha256: str = ""
+    # names of a fine-tuned model's classes, one per line (or a JSON list); empty: COCO's
+    labels_file: str = ""
     detect_mode: str = "exact"
     accel_cache_dir: str = ""  # empty: $XDG_CACHE_HOME/instance-detector or ~/.cache/instance-detector
     model_wait_timeout: float = 60.0  # how long a request waits for a model still loading
@@ -147,6 +153,12 @@ class Settings:
     # Admission control: a request is admitted only if its pass can start within about this many
     # seconds (the model's measured pass time decides how many that is); others are shed at once.
     max_queue_wait: float = 10.0
+    # The lowest per-request threshold: the model keeps candidates down to it (a lower floor
+    # means more candidates through NMS and, with masks, more masks per request).
+    min_score_threshold: float = 0.25
+    max_batch_images: int = 32
+    # Bodies that carry images (uploads, multipart batches); JSON-only bodies: MAX_REQUEST_BYTES.
+    max_upload_bytes: int = 32 * 1024 * 1024
 
     # Tuning
     torch_threads: int = 0  # 0: one per available core
@@ -179,6 +191,8 @@ class Settings:
             if env.get(setting.env, "").strip()
         }
         settings = cls(**values)
+        if settings.labels_file and not os.path.isfile(settings.labels_file):
+            raise ConfigError(f"LABELS_FILE={settings.labels_file!r} does not exist or is not a file")
         if settings.model_process and len(settings.model_socket.encode()) > MAX_SOCKET_PATH:
             raise ConfigError(
                 f"RUN_DIR={settings.run_dir!r} is too long: the model process's socket "

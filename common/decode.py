@@ -16,10 +16,11 @@ SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode ``data`` to an RGB PIL image (first frame, EXIF orientation applied)."""
+def decode_image(data: bytes, max_pixels: int, origin: str = "the URL's body") -> Image.Image:
+    """Decode ``data`` to an RGB PIL image (first frame, EXIF orientation applied); ``origin``
+    names where the bytes came from, in error messages."""
     if not data:
-        raise NotAnImage("the URL returned an empty body")
+        raise NotAnImage(f"{origin} is empty")
     with warnings.catch_warnings():
         # Pillow's own bomb check only warns below twice its limit; ours is the one that counts.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -29,7 +30,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             raise TooLarge(f"the image has more than {max_pixels} pixels") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             raise NotAnImage(
-                f"the URL did not return an image in a supported format ({', '.join(SUPPORTED_FORMATS)})"
+                f"{origin} is not an image in a supported format ({', '.join(SUPPORTED_FORMATS)})"
             ) from None
         width, height = image.size
         if width <= 0 or height <= 0:

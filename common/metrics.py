@@ -151,6 +151,7 @@ class RequestMetrics:
 
     duration: Any  # Histogram: protocol, outcome
     stage_duration: Any  # Histogram: stage
+    requests: Any  # Counter: protocol, endpoint
     errors: Any  # Counter: protocol, code
     shed: Any  # Counter: protocol
     in_flight: Any  # Gauge (live processes summed): protocol
@@ -175,6 +176,12 @@ def request_metrics() -> RequestMetrics:
             "Time spent per stage: fetch, decode, queue_wait, inference",
             ["stage"],
             buckets=LATENCY_BUCKETS,
+            registry=None,
+        ),
+        requests=Counter(
+            "app_requests",
+            "Requests by protocol and endpoint (predict, detect, detect_batch: one per image)",
+            ["protocol", "endpoint"],
             registry=None,
         ),
         errors=Counter(

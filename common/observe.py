@@ -38,6 +38,7 @@ def request_id(offered: str | None) -> str:
 class RequestRecord:
     protocol: str
     request_id: str
+    endpoint: str = "predict"  # predict, detect or detect_batch (one record per image)
     started: float = field(default_factory=time.perf_counter)
     image_host: str = ""
     stages: dict[str, float] = field(default_factory=dict)
@@ -80,10 +81,11 @@ class Observer:
         self.metrics.shed.labels(protocol=protocol)
 
     @contextmanager
-    def request(self, offered_id: str | None = None) -> Iterator[RequestRecord]:
+    def request(self, offered_id: str | None = None, endpoint: str = "predict") -> Iterator[RequestRecord]:
         record = RequestRecord(
             self.protocol,
             request_id(offered_id),
+            endpoint,
             in_flight_gauge=self._in_flight,
         )
         error: DetectionError | None = None
@@ -104,6 +106,7 @@ class Observer:
         duration = time.perf_counter() - record.started
         m = self.metrics
         m.duration.labels(protocol=record.protocol, outcome=record.outcome).observe(duration)
+        m.requests.labels(protocol=record.protocol, endpoint=record.endpoint).inc()
         for stage, seconds in record.stages.items():
             m.stage_duration.labels(stage=stage).observe(seconds)
         if record.outcome != "ok":
@@ -115,6 +118,7 @@ class Observer:
         fields = {
             "request_id": record.request_id,
             "protocol": record.protocol,
+            "endpoint": record.endpoint,
             "image_host": record.image_host,
             "status": status,
             "code": record.outcome,

@@ -28,28 +28,34 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def make_forced_checkpoint(path, category: str, seed: int = 0) -> str:
-    """Save a seeded maskrcnn_resnet50_fpn state dict that answers exactly ``[category]``.
+def make_forced_checkpoint(path, category: str, seed: int = 0, categories: list[str] | None = None) -> str:
+    """Save a seeded maskrcnn_resnet50_fpn state dict that answers exactly ``[category]``, with a
+    head of ``len(categories)`` classes (default: COCO's 91; index 0 is the background).
 
     The box classifier's weights are zeroed and its bias strongly favours one class, so every
     box gets that label: the answer proves which file was loaded and that label indices map to
     the right names. The RPN's box regression grows every anchor past the image, so all
     proposals clip to the whole image, and the box head's regression is zeroed, so NMS leaves
-    one box: one detection, whatever the image, and fast tests. Everything else keeps its
-    seeded random values. Returns the file's sha256.
+    one box: one detection, whatever the image, and fast tests. The mask predictor answers
+    "inside" everywhere, so the mask fills the box. Everything else keeps its seeded random
+    values. Returns the file's sha256.
     """
     import torch
     from torchvision.models.detection import maskrcnn_resnet50_fpn
 
     from common.model.weights import COCO_CATEGORIES
 
+    categories = categories or COCO_CATEGORIES
     torch.manual_seed(seed)
-    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=len(COCO_CATEGORIES))
+    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=len(categories))
     classifier = model.roi_heads.box_predictor.cls_score
     with torch.no_grad():
         classifier.weight.zero_()
         classifier.bias.fill_(-10.0)
-        classifier.bias[COCO_CATEGORIES.index(category)] = 10.0
+        classifier.bias[categories.index(category)] = 10.0
+        mask_logits = model.roi_heads.mask_predictor.mask_fcn_logits
+        mask_logits.weight.zero_()
+        mask_logits.bias.fill_(10.0)
         rpn_deltas = model.rpn.head.bbox_pred
         rpn_deltas.weight.zero_()
         rpn_deltas.bias.zero_()

@@ -13,7 +13,7 @@ from typing import Protocol
 from PIL import Image
 
 from common.config import Settings
-from common.model.detection import ClientAlive, Detection
+from common.model.detection import ClientAlive, Detection, DetectOptions
 from common.model.local import LocalModel
 from common.model.remote import RemoteModel
 
@@ -28,13 +28,22 @@ class Model(Protocol):
     def check_usable(self) -> None:
         """Raise ``NotReady`` at once if the model cannot answer (e.g. its weights failed to load)."""
 
-    def detect(self, image: Image.Image, client_alive: ClientAlive | None = None) -> Detection:
-        """The instances above the threshold, best first; waits (up to ``MODEL_WAIT_TIMEOUT``)
-        while the model is still loading. ``Cancelled`` if ``client_alive`` turns False before the
-        pass starts."""
+    def categories(self) -> list[str] | None:
+        """The names the model can report (no placeholders); None while it is not loaded."""
+
+    def detect(
+        self,
+        image: Image.Image,
+        client_alive: ClientAlive | None = None,
+        options: DetectOptions | None = None,
+    ) -> Detection:
+        """The instances above the threshold, best first (names; with ``options``, full
+        detections as they ask); waits (up to ``MODEL_WAIT_TIMEOUT``) while the model is still
+        loading. ``Cancelled`` if ``client_alive`` turns False before the pass starts;
+        ``InvalidRequest`` for a class the model does not have."""
 
 
-__all__ = ["ClientAlive", "Detection", "Model", "open_model"]
+__all__ = ["ClientAlive", "DetectOptions", "Detection", "Model", "open_model"]
 
 
 def open_model(settings: Settings) -> Model:

@@ -1,12 +1,74 @@
-"""What one forward pass answers, with where its time went."""
+"""What one forward pass answers, with where its time went, and what a request asks of it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 # Asked before a queued pass starts: False when the client has gone away (the pass is skipped).
 ClientAlive = Callable[[], bool]
+
+# How masks are reported: not at all (the default: they cost time), as polygon outlines, as COCO's
+# compressed RLE, or both.
+MASK_FORMATS = ("none", "polygons", "rle", "both")
+
+
+@dataclass(frozen=True)
+class DetectOptions:
+    """A full detection's request: instances scoring above ``threshold``, of ``classes`` only
+    (empty: all), with masks in the ``masks`` format. The names-only path (``/predict``) has none."""
+
+    threshold: float
+    classes: tuple[str, ...] = ()
+    masks: str = "none"
+
+    @property
+    def wants_masks(self) -> bool:
+        return self.masks != "none"
+
+    @property
+    def polygons(self) -> bool:
+        return self.masks in ("polygons", "both")
+
+    @property
+    def rle(self) -> bool:
+        return self.masks in ("rle", "both")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "classes": list(self.classes), "masks": self.masks}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DetectOptions:
+        return cls(float(values["threshold"]), tuple(values["classes"]), str(values["masks"]))
+
+
+@dataclass(frozen=True)
+class Instance:
+    label: str
+    score: float
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in image pixels
+    polygons: list[list[float]] | None = None  # outlines, each [x0, y0, x1, y1, ...]
+    rle: dict[str, Any] | None = None  # COCO compressed RLE: {"size": [h, w], "counts": str}
+
+    def as_dict(self) -> dict[str, Any]:
+        """The instance as the HTTP API writes it (docs/api.md)."""
+        answer: dict[str, Any] = {"label": self.label, "score": self.score, "box": list(self.box)}
+        if self.polygons is not None or self.rle is not None:
+            mask: dict[str, Any] = {}
+            if self.polygons is not None:
+                mask["polygons"] = self.polygons
+            if self.rle is not None:
+                mask["rle"] = self.rle
+            answer["mask"] = mask
+        return answer
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Instance:
+        mask = values.get("mask") or {}
+        return cls(
+            values["label"], values["score"], tuple(values["box"]), mask.get("polygons"), mask.get("rle")
+        )
 
 
 @dataclass(frozen=True)
@@ -14,3 +76,7 @@ class Detection:
     objects: list[str]  # category names, best first
     queue_seconds: float  # waiting for the model (passes run one at a time)
     pass_seconds: float  # the forward pass itself
+    # Full detections (only when the request gave DetectOptions), of an image width x height.
+    instances: list[Instance] | None = None
+    width: int = 0
+    height: int = 0

@@ -22,10 +22,10 @@ from PIL import Image
 from common.admission import publish_pass_seconds
 from common.config import Settings
 from common.errors import ModelLoadError, NotReady
-from common.model.detection import ClientAlive, Detection
+from common.model.detection import ClientAlive, Detection, DetectOptions
 
 if TYPE_CHECKING:
-    from common.model.detector import Detector
+    from common.model.detector import Detector, Pass
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +91,23 @@ class LocalModel:
         if self._load_error is not None:
             raise NotReady(f"model not loaded: {self._load_error}")
 
-    def detect(self, image: Image.Image, client_alive: ClientAlive | None = None) -> Detection:
+    def categories(self) -> list[str] | None:
+        """The names the loaded model can report; None while it is not loaded."""
+        return None if self._detector is None else self._detector.reportable()
+
+    def detect(
+        self,
+        image: Image.Image,
+        client_alive: ClientAlive | None = None,
+        options: DetectOptions | None = None,
+    ) -> Detection:
         self.start()
         if not self.wait_loaded(self.settings.model_wait_timeout):
             raise NotReady(f"model not loaded: {self.status()[1]}")
         detector = self._detector
         assert detector is not None
+        if options is not None and options.classes:
+            detector.check_classes(options.classes)  # before queueing for a pass
         arrived = time.perf_counter()
         self._on_queue_change(1)
         queued = True
@@ -108,17 +119,25 @@ class LocalModel:
             return client_alive is None or client_alive()
 
         try:
-            detection = self._passes.submit(self._run, detector, image, proceed, arrived).result()
+            done = self._passes.submit(self._run, detector, image, proceed, arrived, options).result()
         finally:
             if queued:  # the pass never started (an error before it)
                 self._on_queue_change(-1)
-        return detection
+        # masks are pasted and encoded on the caller's thread, while the next pass runs
+        return detector.describe(done, options)
 
-    def _run(self, detector: Detector, image: Image.Image, proceed: ClientAlive, arrived: float) -> Detection:
+    def _run(
+        self,
+        detector: Detector,
+        image: Image.Image,
+        proceed: ClientAlive,
+        arrived: float,
+        options: DetectOptions | None,
+    ) -> Pass:
         waited = time.perf_counter() - arrived
-        detection = detector.run(image, proceed)
-        self._publish_pass_seconds(detection.pass_seconds)
-        return dataclasses.replace(detection, queue_seconds=waited + detection.queue_seconds)
+        done = detector.run(image, proceed, options)
+        self._publish_pass_seconds(done.pass_seconds)
+        return dataclasses.replace(done, queue_seconds=waited + done.queue_seconds)
 
     def _publish_pass_seconds(self, seconds: float) -> None:
         try:

@@ -8,9 +8,17 @@ import grpc
 from PIL import Image
 
 from common.config import DETECT_ALLOWANCE_SECONDS, Settings
-from common.errors import Cancelled, DetectionError, NotReady, TooLarge
-from common.model.detection import ClientAlive, Detection
-from common.model.wire import DETECT, STATUS, max_message_bytes, pack_image, unpack_detection, unpack_status
+from common.errors import Cancelled, DetectionError, InvalidRequest, NotReady, TooLarge
+from common.model.detection import ClientAlive, Detection, DetectOptions
+from common.model.wire import (
+    DETECT,
+    MAX_REPLY_BYTES,
+    STATUS,
+    max_message_bytes,
+    pack_image,
+    unpack_detection,
+    unpack_status,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +43,7 @@ class RemoteModel:
             f"unix:{settings.model_socket}",
             options=[
                 ("grpc.max_send_message_length", max_message_bytes(settings)),
-                ("grpc.max_receive_message_length", 1 << 20),
+                ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
                 # a local socket: reconnect within a second of the model process coming back
                 # (gRPC's defaults back off up to two minutes, meant for remote servers)
                 ("grpc.initial_reconnect_backoff_ms", 100),
@@ -46,6 +54,7 @@ class RemoteModel:
         self._detect = self._channel.unary_unary(DETECT)
         self._status = self._channel.unary_unary(STATUS)
         self._known_ready = False
+        self._categories: list[str] | None = None  # the loaded model's, from its Status answer
 
     def start(self) -> None:
         """Nothing to do: the model process loads on its own."""
@@ -53,11 +62,23 @@ class RemoteModel:
     def status(self) -> tuple[str, str]:
         """(state, message) as the model process reports it; 'loading' while it cannot be reached."""
         try:
-            state, message = unpack_status(self._status(b"", timeout=STATUS_TIMEOUT, wait_for_ready=True))
+            state, message, categories = unpack_status(
+                self._status(b"", timeout=STATUS_TIMEOUT, wait_for_ready=True)
+            )
         except grpc.RpcError:
             state, message = "loading", "the model process is not answering yet (starting or restarting)"
+            categories = None
         self._known_ready = state == "ready"
+        if categories is not None:
+            self._categories = categories
         return state, message
+
+    def categories(self) -> list[str] | None:
+        """The names the model can report; None while it is not loaded. The model process may be
+        restarted with other weights only by restarting the stack, so once known they are kept."""
+        if self._categories is None:
+            self.status()
+        return self._categories
 
     def check_usable(self) -> None:
         """NotReady at once if the model failed to load (still loading: ``detect`` waits)."""
@@ -67,14 +88,21 @@ class RemoteModel:
         if state == "failed":
             raise NotReady(f"model not loaded: {message}")
 
-    def detect(self, image: Image.Image, client_alive: ClientAlive | None = None) -> Detection:
+    def detect(
+        self,
+        image: Image.Image,
+        client_alive: ClientAlive | None = None,
+        options: DetectOptions | None = None,
+    ) -> Detection:
         try:
-            return self._call_detect(image, client_alive)
+            return self._call_detect(image, client_alive, options)
         except NotReady:
             self._known_ready = False
             raise
 
-    def _call_detect(self, image: Image.Image, client_alive: ClientAlive | None) -> Detection:
+    def _call_detect(
+        self, image: Image.Image, client_alive: ClientAlive | None, options: DetectOptions | None
+    ) -> Detection:
         try:  # a process being (re)started by supervisord gets MODEL_WAIT_TIMEOUT to come up
             grpc.channel_ready_future(self._channel).result(timeout=self.settings.model_wait_timeout)
         except grpc.FutureTimeoutError:
@@ -82,7 +110,7 @@ class RemoteModel:
                 "the model process is not reachable (starting, restarting or stopped); try again shortly"
             ) from None
         call = self._detect.future(
-            pack_image(image),
+            pack_image(image, options),
             wait_for_ready=True,
             timeout=self.settings.model_wait_timeout + DETECT_ALLOWANCE_SECONDS,
         )
@@ -103,6 +131,8 @@ class RemoteModel:
                 raise Cancelled("the client went away before its forward pass") from None
             if code == grpc.StatusCode.FAILED_PRECONDITION:
                 raise NotReady(exc.details()) from None
+            if code == grpc.StatusCode.INVALID_ARGUMENT:  # e.g. a class this model does not have
+                raise InvalidRequest(exc.details()) from None
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # only with MAX_IMAGE_PIXELS above ~700 M
                 raise TooLarge("the decoded image is too large to pass to the model") from None
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

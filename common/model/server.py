@@ -21,11 +21,18 @@ import grpc
 
 from common import metrics
 from common.config import STOP_GRACE_SECONDS, Settings
-from common.errors import Cancelled, NotReady
+from common.errors import Cancelled, InvalidRequest, NotReady
 from common.logs import configure_logging
 from common.model.accel.backend import cpu_features
 from common.model.local import LocalModel
-from common.model.wire import SERVICE, max_message_bytes, pack_detection, pack_status, unpack_image
+from common.model.wire import (
+    MAX_REPLY_BYTES,
+    SERVICE,
+    max_message_bytes,
+    pack_detection,
+    pack_status,
+    unpack_image,
+)
 from common.process import exit_now, wait_for_stop_signal
 
 log = logging.getLogger("common.model.server")  # also when run as __main__
@@ -42,11 +49,13 @@ class ModelServicer:
 
     def detect(self, payload: bytes, context: grpc.ServicerContext) -> bytes:
         try:
-            image = unpack_image(payload)
+            image, options = unpack_image(payload)
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
-            detection = self.model.detect(image, context.is_active)
+            detection = self.model.detect(image, context.is_active, options)
+        except InvalidRequest as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
         except Cancelled as exc:
             self._count("skipped")
             context.abort(grpc.StatusCode.CANCELLED, exc.message)
@@ -63,7 +72,7 @@ class ModelServicer:
             self.passes.labels(result=result).inc()
 
     def status(self, _payload: bytes, _context: grpc.ServicerContext) -> bytes:
-        return pack_status(*self.model.status())
+        return pack_status(*self.model.status(), self.model.categories())
 
 
 def _server_threads(settings: Settings) -> int:
@@ -80,7 +89,10 @@ def build_server(settings: Settings, model: LocalModel, passes: Any = None) -> g
         os.unlink(path)  # left by a process that was killed; supervisord's pid file keeps RUN_DIR ours
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=_server_threads(settings), thread_name_prefix="model"),
-        options=[("grpc.max_receive_message_length", max_message_bytes(settings))],
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes(settings)),
+            ("grpc.max_send_message_length", MAX_REPLY_BYTES),
+        ],
     )
     servicer = ModelServicer(model, passes)
     server.add_generic_rpc_handlers(

@@ -6,11 +6,15 @@ Weights come from exactly one source, chosen by configuration:
 - ``WEIGHTS_FILE=/path``: a local state-dict file, checked against ``WEIGHTS_SHA256`` if set.
 Anything else (missing, corrupt, wrong checksum, wrong architecture) raises ``ModelLoadError``;
 the model is never served with untrained weights.
+
+The class names are COCO's, or those of ``LABELS_FILE`` for a fine-tuned model; either way their
+number must match the checkpoint's box head (``categories_for``), or the model is not loaded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import torch
@@ -23,6 +27,70 @@ StateDict = dict[str, torch.Tensor]
 
 COCO_WEIGHTS = MaskRCNN_ResNet50_FPN_Weights.COCO_V1
 COCO_CATEGORIES: list[str] = list(COCO_WEIGHTS.meta["categories"])
+BACKGROUND = "__background__"  # index 0 of every torchvision detection head
+PLACEHOLDERS = (BACKGROUND, "N/A")  # COCO's unused indices are named "N/A"
+CLASSIFIER_WEIGHT = "roi_heads.box_predictor.cls_score.weight"
+
+
+def reportable(categories: list[str]) -> list[str]:
+    """The names the model can report, once each, without placeholders."""
+    return list(dict.fromkeys(name for name in categories if name not in PLACEHOLDERS))
+
+
+def head_classes(state_dict: StateDict) -> int:
+    """How many classes (background included) the checkpoint's box head scores."""
+    weight = state_dict.get(CLASSIFIER_WEIGHT)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ModelLoadError(
+            f"the weights are not a maskrcnn_resnet50_fpn state dict (no {CLASSIFIER_WEIGHT})"
+        )
+    return int(weight.shape[0])
+
+
+def read_labels(path: str) -> list[str]:
+    """The names in a labels file: a JSON list of strings (``.json``), or one name per line."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"LABELS_FILE={path} cannot be read: {exc}") from None
+    if path.endswith(".json"):
+        try:
+            names = json.loads(text)
+        except ValueError as exc:
+            raise ModelLoadError(f"LABELS_FILE={path} is not valid JSON: {exc}") from None
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise ModelLoadError(f"LABELS_FILE={path} must hold a JSON list of strings")
+        names = [name.strip() for name in names]
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names or not all(names):
+        raise ModelLoadError(f"LABELS_FILE={path} holds no names (or an empty one)")
+    real = [name for name in names if name not in PLACEHOLDERS]
+    if len(set(real)) != len(real):
+        raise ModelLoadError(f"LABELS_FILE={path} names a class twice: names must be unique")
+    return names
+
+
+def categories_for(settings: Settings, num_classes: int) -> list[str]:
+    """The name of each class index of a head with ``num_classes`` classes (index 0: background)."""
+    if not settings.labels_file:
+        if num_classes != len(COCO_CATEGORIES):
+            raise ModelLoadError(
+                f"the checkpoint's box head has {num_classes} classes, not COCO's {len(COCO_CATEGORIES)}: "
+                f"set LABELS_FILE to a file naming its {num_classes - 1} classes, one per line"
+            )
+        return COCO_CATEGORIES
+    names = read_labels(settings.labels_file)
+    if len(names) == num_classes - 1 and names[0] != BACKGROUND:
+        names = [BACKGROUND, *names]  # the usual labels file leaves the background out
+    if len(names) != num_classes:
+        raise ModelLoadError(
+            f"LABELS_FILE={settings.labels_file} has {len(names)} names, but the checkpoint's box head "
+            f"has {num_classes} classes (background included): list its {num_classes - 1} classes, "
+            "one per line, in the order of the head"
+        )
+    return names
 
 
 def sha256_of(path: str) -> str:
@@ -100,19 +168,20 @@ def _state_dict_from_torchvision() -> StateDict:
         ) from None
 
 
-def build_model(state_dict: StateDict, score_threshold: float) -> MaskRCNN:
-    """The torchvision architecture with ``state_dict`` loaded strictly, in eval mode."""
+def build_model(state_dict: StateDict, score_threshold: float, num_classes: int | None = None) -> MaskRCNN:
+    """The torchvision architecture with ``state_dict`` loaded strictly, in eval mode; its head has
+    ``num_classes`` classes (default: as many as the checkpoint's)."""
+    num_classes = num_classes or head_classes(state_dict)
     model = maskrcnn_resnet50_fpn(
         weights=None,
         weights_backbone=None,
-        num_classes=len(COCO_CATEGORIES),
+        num_classes=num_classes,
         box_score_thresh=score_threshold,
     )
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as exc:
         raise ModelLoadError(
-            f"the weights do not fit maskrcnn_resnet50_fpn with {len(COCO_CATEGORIES)} classes: "
-            f"{str(exc)[:300]}"
+            f"the weights do not fit maskrcnn_resnet50_fpn with {num_classes} classes: {str(exc)[:300]}"
         ) from None
     return model.eval()

@@ -9,8 +9,10 @@
   single-threaded over all channels at once, runs in blocks of ``ROI_ALIGN_CHANNEL_BLOCK`` channels
   spread over ``ROI_ALIGN_THREADS`` threads (each value is one box's one channel, computed by
   torchvision's kernel: the result is bit-identical);
-- the mask branch is skipped: the service answers category names only, and masks never change
-  labels, scores or boxes.
+- the mask branch runs only when a request asks for masks (``masks_for``), and then only for the
+  instances that request keeps: masks never change labels, scores or boxes. Its 28x28 mask
+  probabilities are returned as they are (``mask_probs``), to be pasted into the image one
+  instance at a time (``common.model.masks``).
 It is not thread-safe (it reuses the graph's buffers): ``Detector`` runs one pass at a time.
 """
 
@@ -20,6 +22,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops.poolers import _multiscale_roi_align, _setup_scales
 
@@ -31,7 +34,8 @@ ROI_ALIGN_CHANNEL_BLOCK = 32  # channels per RoIAlign call (see AcceleratedMaskR
 
 
 class AcceleratedMaskRCNN:
-    """Callable like the torchvision model in eval mode (``model([tensor]) -> [dict]``), no masks."""
+    """Callable like the torchvision model in eval mode (``model([tensor]) -> [dict]``); masks only
+    with ``masks_for``."""
 
     def __init__(
         self,
@@ -127,7 +131,9 @@ class AcceleratedMaskRCNN:
 
     # -- forward -----------------------------------------------------------------------
 
-    def __call__(self, images: list[torch.Tensor]) -> list[dict]:
+    def __call__(self, images: list[torch.Tensor], masks_for=None) -> list[dict]:
+        """``masks_for(scores, labels)``, if given, chooses the instances to keep and compute masks
+        for (as ``mask_probs``, N x 1 x 28 x 28); without it, every instance, no masks."""
         if len(images) != 1:
             raise ValueError("one image at a time")
         model = self.model
@@ -158,4 +164,18 @@ class AcceleratedMaskRCNN:
                 {"boxes": box, "labels": label, "scores": score}
                 for box, score, label in zip(boxes, scores, labels, strict=True)
             ]
+            if masks_for is not None:
+                detections = [self._with_masks(features, d, masks_for, image_list) for d in detections]
             return model.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+
+    def _with_masks(self, features, detection: dict, masks_for, image_list) -> dict:
+        """The kept instances of ``detection`` with their mask probabilities: ``RoIHeads.forward``'s
+        mask branch (inference), on those instances only."""
+        keep = masks_for(detection["scores"], detection["labels"])
+        kept = {name: value[keep] for name, value in detection.items()}
+        heads = self.model.roi_heads
+        mask_features = heads.mask_roi_pool(features, [kept["boxes"]], image_list.image_sizes)
+        mask_logits = heads.mask_predictor(heads.mask_head(mask_features))
+        # named so that transform.postprocess leaves them be (it would paste "masks" all at once)
+        kept["mask_probs"] = maskrcnn_inference(mask_logits, [kept["labels"]])[0]
+        return kept
