@@ -41,6 +41,7 @@ class ImageSource:
     url: object = None  # as the client sent it: checked by validate_url
     data: bytes | None = None
     name: str = ""  # an upload's file name, if it had one
+    problem: str = ""  # why the client's description of the image is unusable (an InvalidRequest)
 
     @property
     def uploaded(self) -> bool:
@@ -121,6 +122,8 @@ class DetectionService:
     # -- steps -------------------------------------------------------------------------------
 
     def _checked(self, source: ImageSource, record: RequestRecord) -> ImageSource:
+        if source.problem:
+            raise InvalidRequest(source.problem)
         if source.data is None:
             url = validate_url(source.url, self.settings.max_url_length)
             record.image_host = urlsplit(url).hostname or ""

@@ -86,8 +86,8 @@ def _abort(context, exc: errors.DetectionError) -> None:
 
 def _source(image) -> ImageSource:
     which = image.WhichOneof("source")
-    if which is None:
-        raise errors.InvalidRequest("the image has neither 'url' nor 'data'")
+    if which is None:  # refused when its turn comes: in a batch, the other images carry on
+        return ImageSource(problem="the image has neither 'url' nor 'data'")
     return ImageSource(url=image.url) if which == "url" else ImageSource(data=image.data)
 
 

@@ -12,14 +12,17 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from pycocotools import mask as coco_mask
 from torchvision.models.detection import MaskRCNN
+from torchvision.transforms.functional import pil_to_tensor
 
 from client.evaluate import dice_score
 from common.model import accel
 from common.model.accel.cache import graph_cache_key
 from common.model.accel.graph import WINOGRAD
+from common.model.detection import DetectOptions
 from common.model.detector import Detector
-from common.model.weights import state_dict_sha256
+from common.model.weights import build_model, state_dict_sha256
 from testkit.checkpoints import ACTIVE_CLASSES, make_realistic_checkpoint
 from testkit.compare import as_lists, compare
 from testkit.images import photo_like
@@ -127,6 +130,38 @@ def test_default_path_at_the_service_threshold(realistic, env, default):
     names = eager.detect(image)
     assert 1 <= len(names) <= 20
     assert exact.detect(image) == names
+
+
+def test_service_threshold_names_are_those_of_a_model_built_at_it(realistic, env, default):
+    """The model keeps candidates down to MIN_SCORE_THRESHOLD and each request filters: the names at
+    SCORE_THRESHOLD must be those of torchvision's model built with box_score_thresh at it."""
+    reference = build_model(torch.load(realistic, weights_only=True), SERVICE_THRESHOLD)
+    exact = Detector.from_settings(settings_for(realistic, SCORE_THRESHOLD=SERVICE_THRESHOLD, **env))
+    assert exact.model.model.roi_heads.score_thresh == 0.25  # MIN_SCORE_THRESHOLD's default
+    for seed in (21, 4):
+        image = photo_like(640, 480, seed=seed)
+        with torch.inference_mode():
+            labels = reference([pil_to_tensor(image).float().div_(255.0)])[0]["labels"].tolist()
+        assert labels, "nothing above the threshold to compare"
+        assert exact.detect(image) == [exact.categories[index] for index in labels]
+
+
+def test_masks_on_the_default_path_are_eagers(eager, default):
+    """The exact path runs the mask branch only when asked, on the kept instances, and pastes one
+    instance at a time: the masks must still be torchvision's own."""
+    image = photo_like(640, 480, seed=11)
+    options = DetectOptions(0.3, (), "rle")
+    want = eager.describe(eager.run(image, options=options), options).instances
+    got = default.describe(default.run(image, options=options), options).instances
+    assert want and len(got) == len(want)
+    for expected, actual in zip(want, got, strict=True):
+        assert actual.label == expected.label
+        overlap = coco_mask.iou([actual.rle], [expected.rle], [False])[0][0]
+        assert overlap >= 0.98, (expected.label, overlap)
+    boxes_only = DetectOptions(0.3, (), "none")
+    plain = default.describe(default.run(image, options=boxes_only), boxes_only).instances
+    assert [i.label for i in plain] == [i.label for i in got]
+    assert all(i.polygons is None and i.rle is None for i in plain)
 
 
 def test_conversion_is_cached(default_build, realistic, env, cache_dir):

@@ -57,7 +57,7 @@ def test_truncated_file(checkpoints, tmp_path):
 def test_wrong_architecture(tmp_path):
     other = tmp_path / "resnet.pt"
     torch.save(torch.nn.Linear(3, 2).state_dict(), other)
-    with pytest.raises(ModelLoadError, match="do not fit maskrcnn_resnet50_fpn"):
+    with pytest.raises(ModelLoadError, match="not a maskrcnn_resnet50_fpn state dict"):
         Detector.from_settings(settings_for(other, TORCH_THREADS=THREADS))
 
 
@@ -89,3 +89,55 @@ def test_state_dict_digest_depends_on_values():
     b = {"w": torch.zeros(3), "b": torch.tensor([1.0, 2.0])}
     assert state_dict_sha256(a) == state_dict_sha256(dict(reversed(list(a.items()))))
     assert state_dict_sha256(a) != state_dict_sha256(b)
+
+
+# -- a fine-tuned head with its own classes (LABELS_FILE) ----------------------------------------
+
+OWN_CLASSES = ["__background__", "widget", "gadget", "sprocket"]
+
+
+@pytest.fixture(scope="module")
+def own_checkpoint(tmp_path_factory):
+    """A 4-class head (background + three) that answers exactly 'gadget'."""
+    from testkit.checkpoints import make_forced_checkpoint
+
+    path = tmp_path_factory.mktemp("own") / "gadget.pt"
+    make_forced_checkpoint(path, "gadget", categories=OWN_CLASSES)
+    return path
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("labels.txt", "widget\ngadget\n\nsprocket\n"),  # the usual file: no background, blank lines ignored
+    ("labels.json", '["__background__", "widget", "gadget", "sprocket"]'),
+])
+def test_own_classes_are_named_from_the_labels_file(own_checkpoint, tmp_path, name, text):
+    labels = tmp_path / name
+    labels.write_text(text)
+    detector = Detector.from_settings(settings_for(own_checkpoint, LABELS_FILE=labels, TORCH_THREADS=THREADS))
+    assert detector.categories == OWN_CLASSES
+    assert detector.reportable() == ["widget", "gadget", "sprocket"]
+    assert detector.detect(scene(160, 120)) == ["gadget"]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("widget\ngadget\n", "has 2 names, but the checkpoint's box head has 4 classes"),
+    ("a\nb\nc\nd\ne\n", "has 5 names, but the checkpoint's box head has 4 classes"),
+    ("widget\nwidget\nsprocket\n", "names a class twice"),
+])
+def test_labels_that_do_not_fit_the_head_are_a_load_error(own_checkpoint, tmp_path, text, message):
+    labels = tmp_path / "labels.txt"
+    labels.write_text(text)
+    with pytest.raises(ModelLoadError, match=message):
+        Detector.from_settings(settings_for(own_checkpoint, LABELS_FILE=labels, TORCH_THREADS=THREADS))
+
+
+def test_a_head_not_cocos_needs_a_labels_file(own_checkpoint):
+    with pytest.raises(ModelLoadError, match="4 classes, not COCO's 91: set LABELS_FILE"):
+        Detector.from_settings(settings_for(own_checkpoint, TORCH_THREADS=THREADS))
+
+
+def test_a_missing_labels_file_stops_the_process_at_start(tmp_path):
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="LABELS_FILE"):
+        settings_for(LABELS_FILE=tmp_path / "nope.txt")
