@@ -212,11 +212,13 @@ def create_app(settings: Settings | None = None) -> Flask:
         return parse_options(settings, *(body.get(name) for name in OPTION_NAMES))
 
     def _form_options(fields) -> DetectOptions:
-        """Options from form fields or query parameters (a MultiDict): each at most once."""
-        for name in OPTION_NAMES:
+        """Options from form fields or query parameters (a MultiDict): ``classes`` may be repeated
+        or comma-separated, the others given at most once."""
+        for name in ("threshold", "masks"):
             if len(fields.getlist(name)) > 1:
                 raise errors.InvalidRequest(f"{name!r} is given more than once")
-        return parse_options(settings, *(fields.get(name) for name in OPTION_NAMES))
+        classes = ",".join(fields.getlist("classes")) if "classes" in fields else None
+        return parse_options(settings, fields.get("threshold"), classes, fields.get("masks"))
 
     @app.post("/v1/detect")
     def detect():
