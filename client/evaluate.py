@@ -38,6 +38,7 @@ def http_predictor(base_url: str, timeout: float):
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {response.text.strip()}")
         return response.json()["objects"]
+
     return predict
 
 
@@ -53,6 +54,7 @@ def grpc_predictor(target: str, timeout: float):
             return list(stub.Predict(inference_pb2.InstanceDetectorInput(url=url), timeout=timeout).objects)
         except grpc.RpcError as error:
             raise RuntimeError(f"gRPC {error.code().name}: {error.details()}") from None
+
     return predict
 
 
@@ -108,20 +110,27 @@ def main(argv=None) -> int:
     base_url = args.image_base_url
     if args.images:
         server, base_url = serve_folder(args.images, args.serve_host, args.serve_port)
-        print(f"serving {args.images} at {base_url} (the service must allow it: "
-              f"ALLOWED_PRIVATE_TARGETS={base_url.split('//', 1)[1]})")
+        print(
+            f"serving {args.images} at {base_url} (the service must allow it: "
+            f"ALLOWED_PRIVATE_TARGETS={base_url.split('//', 1)[1]})"
+        )
     protocols = ("http", "grpc") if args.protocol == "both" else (args.protocol,)
     failed = False
     try:
         for protocol in protocols:
-            predict = (http_predictor(args.http, args.timeout) if protocol == "http"
-                       else grpc_predictor(args.grpc, args.timeout))
+            predict = (
+                http_predictor(args.http, args.timeout)
+                if protocol == "http"
+                else grpc_predictor(args.grpc, args.timeout)
+            )
             print(f"== {protocol}")
             mean = evaluate(labels, base_url, predict)
             passed = mean >= args.min_mean
             failed |= not passed
-            print(f"{protocol} mean {mean:.4f} over {len(labels)} images "
-                  f"({'pass' if passed else 'FAIL'}: bar {args.min_mean})")
+            print(
+                f"{protocol} mean {mean:.4f} over {len(labels)} images "
+                f"({'pass' if passed else 'FAIL'}: bar {args.min_mean})"
+            )
     finally:
         if server is not None:
             server.shutdown()
