@@ -164,3 +164,35 @@ def test_every_process_logs_json(small_stack):
         if line.startswith("{"):
             processes.add(json.loads(line)["process"])
     assert {"http", "grpc", "model"} <= processes
+
+
+def test_detections_and_batches_obey_admission_too(small_stack, image_server, grpc_stubs):
+    """A full stack sheds /v1/detect, a whole batch (HTTP and gRPC) before fetching any of its
+    images, with the retry hint; once there is room, the same batch runs."""
+    stack = small_stack
+    pb2, pb2_grpc = grpc_stubs
+    image_server.add("/overload/batch.jpg", encode(scene(), "JPEG"))
+    url = image_server.url("/overload/batch.jpg")
+    fetched_before = len(image_server.requests_for("/overload/batch.jpg"))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        slow = [pool.submit(stack.predict_http, image_server.url(SLOW), 30) for _ in range(2)]
+        _wait_admitted(stack, 2)
+        single = requests.post(stack.http + "/v1/detect", json={"url": url}, timeout=10)
+        batch = requests.post(stack.http + "/v1/detect/batch", json={"urls": [url] * 3}, timeout=10)
+        with grpc.insecure_channel(stack.grpc_target) as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                list(pb2_grpc.InstanceDetectorStub(channel).DetectBatch(
+                    pb2.DetectBatchRequest(images=[pb2.ImageInput(url=url)] * 3), timeout=10))
+        assert not any(call.done() for call in slow), "the slow requests should still hold their slots"
+        for answer in (single, batch):
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["error"]["code"] == "overloaded"
+            assert int(answer.headers["Retry-After"]) >= 1
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert caught.value.details().startswith("overloaded:")
+        assert "grpc-retry-pushback-ms" in dict(caught.value.trailing_metadata() or ())
+        assert len(image_server.requests_for("/overload/batch.jpg")) == fetched_before
+        for call in slow:
+            call.result()
+    lines = requests.post(stack.http + "/v1/detect/batch", json={"urls": [url] * 3}, timeout=120).text
+    assert [line.count('"label": "kite"') for line in lines.splitlines()] == [1, 1, 1]
