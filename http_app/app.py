@@ -151,7 +151,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     # a JSON batch lists up to MAX_BATCH_IMAGES URLs: each may take what one JSON request may
     batch_json_limit = settings.max_request_bytes * settings.max_batch_images
 
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # the page blueprint serves http_app/static
     # one byte more than allowed: a chunked body werkzeug cuts at its limit still shows as too long
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes + 1
     if isinstance(app.json, DefaultJSONProvider):
