@@ -91,6 +91,21 @@ def test_an_upload_answers_as_its_url_does(stack, image_server, name):
     assert by_url["instances"][0]["label"] == CLASS_A
 
 
+def test_an_upload_over_max_request_bytes_is_taken(stack):
+    """Uploads are held to MAX_UPLOAD_BYTES and FETCH_MAX_BYTES, not to MAX_REQUEST_BYTES (64 KiB)."""
+    import os
+
+    from PIL import Image
+
+    noisy = encode(Image.frombytes("RGB", (400, 300), os.urandom(400 * 300 * 3)), "PNG")
+    assert 64 * 1024 < len(noisy) < 2 * 1024 * 1024
+    raw = detect_http(stack, data=noisy, headers={"Content-Type": "image/png"})
+    multipart = detect_http(stack, files={"image": ("noise.png", noisy)})
+    for answer in (raw, multipart):
+        assert answer.status_code == 200, answer.text
+        assert (answer.json()["width"], answer.json()["height"]) == (400, 300)
+
+
 def test_grpc_detect_answers_as_http_does(stack, image_server, stub, pb):
     url = image_server.url("/detect/scene.jpg")
     over_http = detect_http(stack, json={"url": url, "masks": "both", "threshold": 0.5}).json()
