@@ -153,14 +153,15 @@ def test_masks_on_the_default_path_are_eagers(eager, default):
     options = DetectOptions(0.3, (), "rle")
     want = eager.describe(eager.run(image, options=options), options).instances
     got = default.describe(default.run(image, options=options), options).instances
-    assert want and len(got) == len(want)
-    for expected, actual in zip(want, got, strict=True):
-        assert actual.label == expected.label
-        overlap = coco_mask.iou([actual.rle], [expected.rle], [False])[0][0]
+    assert want and sorted(i.label for i in got) == sorted(i.label for i in want)
+    # instances whose scores agree to float rounding may come in another order: match by mask
+    for expected in want:
+        same_class = [actual.rle for actual in got if actual.label == expected.label]
+        overlap = max(coco_mask.iou(same_class, [expected.rle], [False])[:, 0])
         assert overlap >= 0.98, (expected.label, overlap)
     boxes_only = DetectOptions(0.3, (), "none")
     plain = default.describe(default.run(image, options=boxes_only), boxes_only).instances
-    assert [i.label for i in plain] == [i.label for i in got]
+    assert sorted(i.label for i in plain) == sorted(i.label for i in got)
     assert all(i.polygons is None and i.rle is None for i in plain)
 
 
