@@ -41,9 +41,11 @@ from bench.__main__ import (
     percentile,
     save_results,
 )
+from bench.load import cpu_model as load_cpu_model
+from common.model.detection import MASK_FORMATS as ALL_MASK_FORMATS
 
 LOW_THRESHOLD = 0.3
-MASK_FORMATS = ("polygons", "rle", "both")
+MASK_FORMATS = tuple(name for name in ALL_MASK_FORMATS if name != "none")
 BATCH_IMAGES = 20
 
 
@@ -56,13 +58,7 @@ def cpu_model() -> str:
     for line in text.splitlines():
         if line.startswith("Model name:"):
             return line.split(":", 1)[1].strip()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+    return load_cpu_model()
 
 
 def cpu_line(machine: dict) -> str:
