@@ -18,7 +18,6 @@ from __future__ import annotations
 import fcntl
 import math
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -26,22 +25,11 @@ from contextlib import contextmanager
 
 from common.config import Settings
 from common.errors import Overloaded
+from common.model.pacing import PASS_SECONDS_FILE
 
-PASS_SECONDS_FILE = "pass-seconds"
 # Before the first pass has been timed: a pessimistic CPU pass, so that a cold stack admits few.
 DEFAULT_PASS_SECONDS = 2.0
-# Weight of the newest pass in the published moving average.
-PASS_SECONDS_SMOOTHING = 0.3
 _REREAD_SECONDS = 1.0
-
-
-def publish_pass_seconds(run_dir: str, seconds: float, previous: float | None) -> float:
-    """Fold one pass's duration into the moving average and publish it (atomically); returns it."""
-    average = seconds if previous is None else previous + PASS_SECONDS_SMOOTHING * (seconds - previous)
-    with tempfile.NamedTemporaryFile("w", dir=run_dir, prefix=".pass-", delete=False) as handle:
-        handle.write(f"{average:.4f}\n")
-    os.replace(handle.name, os.path.join(run_dir, PASS_SECONDS_FILE))
-    return average
 
 
 class Admission:

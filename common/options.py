@@ -71,13 +71,3 @@ def _masks(value: object) -> str:
     if not isinstance(value, str) or value.strip().lower() not in MASK_FORMATS:
         raise InvalidRequest(f"'masks' must be one of {', '.join(MASK_FORMATS)}")
     return value.strip().lower()
-
-
-def check_classes(classes: Iterable[str], known: Iterable[str]) -> None:
-    """InvalidRequest naming the classes the served model does not have."""
-    names = set(known)
-    unknown = [name for name in classes if name not in names]
-    if unknown:
-        raise InvalidRequest(
-            f"unknown classes {', '.join(map(repr, unknown[:10]))}: GET /v1/model lists this model's classes"
-        )

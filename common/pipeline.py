@@ -28,8 +28,8 @@ from common.decode import decode_image
 from common.errors import DetectionError, InvalidRequest, NotAnImage, NotReady, TooLarge
 from common.fetch import ImageFetcher, validate_url
 from common.model import ClientAlive, Detection, DetectOptions, Model
+from common.model.detection import check_classes
 from common.observe import RequestRecord
-from common.options import check_classes
 
 log = logging.getLogger(__name__)
 

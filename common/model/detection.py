@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from common.errors import InvalidRequest
 
 # Asked before a queued pass starts: False when the client has gone away (the pass is skipped).
 ClientAlive = Callable[[], bool]
@@ -41,6 +43,18 @@ class DetectOptions:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DetectOptions:
         return cls(float(values["threshold"]), tuple(values["classes"]), str(values["masks"]))
+
+
+def check_classes(classes: Iterable[str], known: Iterable[str]) -> None:
+    """InvalidRequest naming the classes the served model does not have. The data plane asks it
+    before fetching (when the names are known); the detector asks it again for requests admitted
+    while the model was loading."""
+    names = set(known)
+    unknown = [name for name in classes if name not in names]
+    if unknown:
+        raise InvalidRequest(
+            f"unknown classes {', '.join(map(repr, unknown[:10]))}: GET /v1/model lists this model's classes"
+        )
 
 
 @dataclass(frozen=True)

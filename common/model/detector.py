@@ -16,7 +16,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from common.config import Settings
 from common.errors import Cancelled
 from common.model import accel
-from common.model.detection import ClientAlive, Detection, DetectOptions, Instance
+from common.model.detection import ClientAlive, Detection, DetectOptions, Instance, check_classes
 from common.model.masks import encode, paste
 from common.model.weights import (
     build_model,
@@ -26,7 +26,6 @@ from common.model.weights import (
     reportable,
     state_dict_sha256,
 )
-from common.options import check_classes
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +113,11 @@ class Detector:
     def reportable(self) -> list[str]:
         return reportable(self.categories)
 
-    def check_classes(self, classes: tuple[str, ...]) -> None:
-        check_classes(classes, self.reportable())
-
     def selector(self, options: DetectOptions | None) -> Selector:
         threshold = self.score_threshold if options is None else options.threshold
         wanted = None
         if options is not None and options.classes:
-            self.check_classes(options.classes)
+            check_classes(options.classes, self.reportable())
             names = set(options.classes)
             wanted = torch.tensor([index for index, name in enumerate(self.categories) if name in names])
 

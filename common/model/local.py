@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from common.admission import publish_pass_seconds
 from common.config import Settings
 from common.errors import ModelLoadError, NotReady
 from common.model.detection import ClientAlive, Detection, DetectOptions
+from common.model.pacing import publish_pass_seconds
 
 if TYPE_CHECKING:
     from common.model.detector import Detector, Pass
@@ -106,8 +106,6 @@ class LocalModel:
             raise NotReady(f"model not loaded: {self.status()[1]}")
         detector = self._detector
         assert detector is not None
-        if options is not None and options.classes:
-            detector.check_classes(options.classes)  # before queueing for a pass
         arrived = time.perf_counter()
         self._on_queue_change(1)
         queued = True

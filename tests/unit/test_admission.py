@@ -11,9 +11,10 @@ import time
 
 import pytest
 
-from common.admission import DEFAULT_PASS_SECONDS, Admission, publish_pass_seconds
+from common.admission import DEFAULT_PASS_SECONDS, Admission
 from common.config import Settings
 from common.errors import Overloaded
+from common.model.pacing import publish_pass_seconds
 from testkit import REPO
 
 # Holds one slot of RUN_DIR's admission until killed; prints "held" once it has it.
@@ -33,8 +34,12 @@ def admission(run_dir, max_queue_wait="0") -> Admission:
 
 
 def start_holder(run_dir, max_queue_wait="0") -> subprocess.Popen:
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir), max_queue_wait], cwd=REPO,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run_dir), max_queue_wait],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     return holder
 

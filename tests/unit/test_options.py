@@ -10,7 +10,8 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 from common.errors import InvalidRequest
 from common.model.detection import DetectOptions
 from common.model.masks import encode, paste
-from common.options import check_classes, parse_options, reject_unknown
+from common.model.detection import check_classes
+from common.options import parse_options, reject_unknown
 from testkit.settings import settings_for
 
 SETTINGS = settings_for()
@@ -20,30 +21,36 @@ def test_defaults_are_the_services():
     assert parse_options(SETTINGS) == DetectOptions(0.75, (), "none")
 
 
-@pytest.mark.parametrize(("threshold", "classes", "masks", "expected"), [
-    (0.5, ["cat", "dog"], "polygons", DetectOptions(0.5, ("cat", "dog"), "polygons")),
-    ("0.3", "cat, dog,,cat", "RLE", DetectOptions(0.3, ("cat", "dog"), "rle")),  # form and query strings
-    (1, [], "both", DetectOptions(1.0, (), "both")),
-    (0.25, None, "none", DetectOptions(0.25, (), "none")),
-])
+@pytest.mark.parametrize(
+    ("threshold", "classes", "masks", "expected"),
+    [
+        (0.5, ["cat", "dog"], "polygons", DetectOptions(0.5, ("cat", "dog"), "polygons")),
+        ("0.3", "cat, dog,,cat", "RLE", DetectOptions(0.3, ("cat", "dog"), "rle")),  # form and query strings
+        (1, [], "both", DetectOptions(1.0, (), "both")),
+        (0.25, None, "none", DetectOptions(0.25, (), "none")),
+    ],
+)
 def test_good_options(threshold, classes, masks, expected):
     assert parse_options(SETTINGS, threshold, classes, masks) == expected
 
 
-@pytest.mark.parametrize(("threshold", "classes", "masks"), [
-    (0.1, None, None),  # under MIN_SCORE_THRESHOLD
-    (1.5, None, None),
-    ("nan", None, None),
-    ("high", None, None),
-    (True, None, None),
-    ([0.5], None, None),
-    (None, "x" * 300, None),
-    (None, [1, 2], None),
-    (None, {"cat": 1}, None),
-    (None, ["c"] * 0 + [f"c{i}" for i in range(1001)], None),
-    (None, None, "outline"),
-    (None, None, True),
-])
+@pytest.mark.parametrize(
+    ("threshold", "classes", "masks"),
+    [
+        (0.1, None, None),  # under MIN_SCORE_THRESHOLD
+        (1.5, None, None),
+        ("nan", None, None),
+        ("high", None, None),
+        (True, None, None),
+        ([0.5], None, None),
+        (None, "x" * 300, None),
+        (None, [1, 2], None),
+        (None, {"cat": 1}, None),
+        (None, ["c"] * 0 + [f"c{i}" for i in range(1001)], None),
+        (None, None, "outline"),
+        (None, None, True),
+    ],
+)
 def test_bad_options_are_invalid_requests(threshold, classes, masks):
     with pytest.raises(InvalidRequest):
         parse_options(SETTINGS, threshold, classes, masks)
