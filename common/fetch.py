@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import time
 from http.cookiejar import DefaultCookiePolicy
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import requests
 from urllib3.exceptions import HTTPError as Urllib3Error
@@ -20,34 +21,61 @@ _CHUNK_BYTES = 64 * 1024
 USER_AGENT = "instance-detector/1.0"
 
 
+_H16 = "[0-9A-Fa-f]{1,4}"
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+_LS32 = rf"(?:{_H16}:{_H16}|{_IPV4})"
+# RFC 3986's IPv6address, which is what urlsplit (via ipaddress) accepts between brackets
+_IPV6 = "|".join(
+    (
+        rf"(?:{_H16}:){{6}}{_LS32}",
+        rf"::(?:{_H16}:){{5}}{_LS32}",
+        rf"(?:{_H16})?::(?:{_H16}:){{4}}{_LS32}",
+        rf"(?:(?:{_H16}:){{0,1}}{_H16})?::(?:{_H16}:){{3}}{_LS32}",
+        rf"(?:(?:{_H16}:){{0,2}}{_H16})?::(?:{_H16}:){{2}}{_LS32}",
+        rf"(?:(?:{_H16}:){{0,3}}{_H16})?::{_H16}:{_LS32}",
+        rf"(?:(?:{_H16}:){{0,4}}{_H16})?::{_LS32}",
+        rf"(?:(?:{_H16}:){{0,5}}{_H16})?::{_H16}",
+        rf"(?:(?:{_H16}:){{0,6}}{_H16})?::",
+    )
+)
+_PORT = "0*(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+_BLANK = r"[\t\n\x0b\x0c\r ]*"
+# The URLs a request may name, as the API's schema states it (common.api): blanks around it are
+# ignored; http(s); an optional user; a host name of ASCII labels, or an IPv6 address in
+# brackets; a port from 1 to 65535; then anything without control characters. Host names in
+# another script are sent in their ASCII (punycode) form.
+URL_PATTERN = (
+    f"^{_BLANK}[Hh][Tt][Tt][Pp][Ss]?://"
+    r"(?:[^\x00-\x20\x7f/?#@\[\]]*@)?"
+    f"(?:[A-Za-z0-9_~-]{{1,63}}(?:\\.[A-Za-z0-9_~-]{{1,63}})*\\.?|\\[(?:{_IPV6})\\])"
+    f"(?::(?:{_PORT})?)?"
+    r"(?:[/?#][^\x00-\x1f\x7f]*)?"
+    f"{_BLANK}$"
+)
+_URL = re.compile(URL_PATTERN)
+
+
 def validate_url(url, max_length: int) -> str:
-    """Return the URL stripped of surrounding blanks, or raise InvalidRequest."""
+    """Return the URL without the blanks around it, or raise InvalidRequest."""
     if not isinstance(url, str):
         raise InvalidRequest("'url' must be a string")
-    url = url.strip()
-    if not url:
-        raise InvalidRequest("'url' must not be empty")
     if len(url) > max_length:
-        raise InvalidRequest(f"'url' is longer than {max_length} characters")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
+        raise InvalidRequest(f"'url' is longer than {max_length} characters (MAX_URL_LENGTH)")
+    stripped = url.strip(" \t\n\x0b\x0c\r")
+    if not stripped:
+        raise InvalidRequest("'url' must not be empty")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in stripped):
         raise InvalidRequest("'url' contains control characters")
-    try:
-        parts = urlsplit(url)
-        port = parts.port  # raises ValueError when out of range or not a number
-    except ValueError as exc:
-        raise InvalidRequest(f"'url' is not a valid URL: {exc}") from None
-    if parts.scheme.lower() not in ALLOWED_SCHEMES:
-        raise InvalidRequest(f"'url' must use http or https, not {parts.scheme or 'no scheme'!r}")
-    if not parts.hostname:
-        raise InvalidRequest("'url' has no host")
-    if not parts.hostname.startswith("["):
-        try:
-            parts.hostname.encode("idna")
-        except UnicodeError as exc:
-            raise InvalidRequest(f"'url' has an invalid host name: {exc}") from None
-    if port == 0:
-        raise InvalidRequest("'url' has port 0")
-    return url
+    scheme = stripped.partition(":")[0] if ":" in stripped else ""
+    if scheme.lower() not in ALLOWED_SCHEMES:
+        raise InvalidRequest(f"'url' must use http or https, not {scheme or 'no scheme'!r}")
+    if not _URL.fullmatch(url):
+        raise InvalidRequest(
+            "'url' is not a valid URL: it needs a host name of ASCII letters, digits, '-' and '_' "
+            "(or an IPv6 address in brackets) and a port from 1 to 65535"
+        )
+    return stripped
 
 
 class ImageFetcher:
