@@ -133,7 +133,10 @@ def resolve_and_check(host: str, port: int, allowlist: Allowlist) -> list[tuple]
         ip = _normalise(ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0]))
         reason = non_public_reason(ip)
         if reason and not allowlist.permits(ip, port):
-            raise ForbiddenTarget(f"refusing to fetch from {host!r}: it resolves to {ip}, a {reason} address")
+            raise ForbiddenTarget(
+                f"refusing to fetch from {host!r}: it resolves to {ip}, a {reason} address "
+                "(ALLOWED_PRIVATE_TARGETS lists the private hosts the service may fetch from)"
+            )
     return infos
 
 

@@ -164,7 +164,9 @@ def _state_dict_from_torchvision() -> StateDict:
         raise ModelLoadError(
             "torchvision's COCO_V1 weights are not in the torch hub cache "
             f"({hub_checkpoint_path()}) and could not be downloaded ({exc}). Set WEIGHTS_FILE to a "
-            "local maskrcnn_resnet50_fpn state-dict file, or place the file at that path"
+            "local maskrcnn_resnet50_fpn state-dict file, or place the file at that path. Offline, "
+            "to try the service: python -m testkit.make_checkpoint /tmp/try.pt person writes a "
+            "checkpoint of the real architecture that answers 'person' (README, 'Weights')"
         ) from None
 
 
