@@ -11,7 +11,7 @@ markers that the schema builder replaces by the configured values.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -32,7 +32,7 @@ MAX_CLASSES = 1000
 MAX_CLASS_NAME = 200
 
 MaskFormat = Literal["none", "polygons", "rle", "both"]
-assert MASK_FORMATS == ("none", "polygons", "rle", "both")  # one list: the model's
+assert get_args(MaskFormat) == MASK_FORMATS  # the model's list, spelled as a type
 
 # What a client calls an image: the schema says what validate_url accepts (common.fetch).
 Url = Annotated[
@@ -127,8 +127,7 @@ class BatchRequest(Options):
         description="The images' URLs, 1 to `MAX_BATCH_IMAGES` (more is 413). Each is checked when "
         "its turn comes, as `url` of `/v1/detect`: one that is not acceptable (not a string, a bad "
         "URL) gets its error line, the others carry on.",
-        min_length=1,
-        json_schema_extra={"x-setting-maxItems": "max_batch_images"},
+        json_schema_extra={"minItems": 1, "x-setting-maxItems": "max_batch_images"},
     )
 
 
@@ -208,8 +207,11 @@ class ErrorResponse(Answer):
     error: ErrorDetail
 
 
-class BatchDetectionLine(DetectResponse):
-    index: int = Field(ge=0)
+class BatchDetectionLine(Answer):
+    index: int = Field(ge=0, description="The image's place in the request.")
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+    instances: list[InstanceOut]
 
 
 class BatchErrorLine(Answer):

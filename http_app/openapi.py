@@ -1,8 +1,8 @@
 """The OpenAPI schema of every HTTP route at ``GET /openapi.json``, and a Swagger UI page on it at
 ``GET /docs``.
 
-The schema is hand-written in ``openapi.json`` beside this module and read once, here, when the
-blueprint is made; it is served byte for byte. The page uses the files of the ``swagger-ui-bundle``
+The schema is generated from the API's types (``http_app.spec``) for this deployment's settings
+and the served model's categories, and kept once built. The page uses the files of the ``swagger-ui-bundle``
 package, served by the app under ``/docs/assets/`` (no CDN: the service may have no internet), and
 has no inline script: Swagger UI is started by ``/docs/init.js``, so that the page can send a
 Content-Security-Policy that allows scripts from this origin only.
@@ -14,9 +14,10 @@ import json
 from pathlib import Path
 
 import swagger_ui_bundle  # type: ignore[import-untyped]
-from flask import Blueprint, Response, abort, send_from_directory
+from flask import Blueprint, Response, abort, current_app, send_from_directory
 
-SCHEMA_PATH = Path(__file__).with_name("openapi.json")
+from http_app import spec
+
 ASSETS_DIR = Path(swagger_ui_bundle.swagger_ui_path)
 
 # Set here rather than guessed from the system's mime.types, which differ between hosts.
@@ -61,16 +62,6 @@ DOCS_CSP = (
 )
 
 
-def _load_schema(path: Path) -> bytes:
-    """The schema's bytes, checked to be a JSON object with OpenAPI's version field, so that a
-    broken edit fails at start-up rather than on the docs page."""
-    raw = path.read_bytes()
-    schema = json.loads(raw)
-    if not isinstance(schema, dict) or "openapi" not in schema:
-        raise ValueError(f"{path} is not an OpenAPI document")
-    return raw
-
-
 def _asset_names(folder: Path) -> frozenset[str]:
     return frozenset(
         entry.name
@@ -79,14 +70,20 @@ def _asset_names(folder: Path) -> frozenset[str]:
     )
 
 
-def make_blueprint(schema_path: Path = SCHEMA_PATH, assets_dir: Path = ASSETS_DIR) -> Blueprint:
-    schema = _load_schema(schema_path)
+def make_blueprint(assets_dir: Path = ASSETS_DIR) -> Blueprint:
     assets = _asset_names(assets_dir)
     bp = Blueprint("openapi", __name__)
 
+    built: dict[tuple[str, ...] | None, bytes] = {}
+
     @bp.get("/openapi.json")
     def openapi_schema():
-        return Response(schema, mimetype="application/json")
+        context = current_app.extensions["api"]
+        categories = context.service.model.categories()
+        key = None if categories is None else tuple(categories)
+        if key not in built:
+            built[key] = json.dumps(spec.document(context.settings, categories), indent=1).encode()
+        return Response(built[key], mimetype="application/json")
 
     @bp.get("/docs")
     def docs_page():

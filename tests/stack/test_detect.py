@@ -158,7 +158,7 @@ def _http_cases(image_server, closed_port):
     return [
         ("unknown-field", {"json": {"url": url, "treshold": 0.5}}, 400, "invalid_request"),
         ("no-url", {"json": {"masks": "rle"}}, 400, "invalid_request"),
-        ("query-with-json", {"json": {"url": url}, "params": {"masks": "rle"}}, 400, "invalid_request"),
+        ("unknown-query-parameter", {"json": {"url": url}, "params": {"mask": "rle"}}, 400, "invalid_request"),
         ("bad-threshold", {"json": {"url": url, "threshold": 0.01}}, 400, "invalid_request"),
         ("bad-masks", {"json": {"url": url, "masks": "outline"}}, 400, "invalid_request"),
         # an unknown class is refused before the (unreachable) image is fetched
