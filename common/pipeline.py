@@ -90,12 +90,12 @@ class DetectionService:
         client_alive: ClientAlive | None = None,
     ) -> Detection:
         """One image: names only (``options`` None) or full detections as ``options`` ask."""
-        source = self._checked(source, record)
-        self._check_options(options)
+        source = self.check_source(source, record)
+        self.check_options(options)
         self.model.check_usable()  # a model that cannot answer fails the request before any fetch
         with self.admission.admitted(), record.in_flight():  # Overloaded: shed before any fetch
-            image = self._load(source, record)
-            return self._detect(image, options, record, client_alive)
+            image = self.load_image(source, record)
+            return self.run_model(image, options, record, client_alive)
 
     # -- many images -----------------------------------------------------------------------
 
@@ -115,13 +115,13 @@ class DetectionService:
                 f"the batch has {len(sources)} images, more than "
                 f"{self.settings.max_batch_images} (MAX_BATCH_IMAGES)"
             )
-        self._check_options(options)
+        self.check_options(options)
         self.model.check_usable()
         return BatchRun(self, sources, options, open_record, client_alive)
 
-    # -- steps -------------------------------------------------------------------------------
+    # -- steps (public: a batch runs them image by image) ----------------------------------
 
-    def _checked(self, source: ImageSource, record: RequestRecord) -> ImageSource:
+    def check_source(self, source: ImageSource, record: RequestRecord) -> ImageSource:
         if source.problem:
             raise InvalidRequest(source.problem)
         if source.data is None:
@@ -135,7 +135,7 @@ class DetectionService:
             raise TooLarge(f"the uploaded image is larger than {self.settings.fetch_max_bytes} bytes")
         return source
 
-    def _check_options(self, options: DetectOptions | None) -> None:
+    def check_options(self, options: DetectOptions | None) -> None:
         """Unknown classes fail before any fetch, once the model's names are known (the model
         checks them again in any case)."""
         if options is not None and options.classes:
@@ -143,7 +143,7 @@ class DetectionService:
             if known is not None:
                 check_classes(options.classes, known)
 
-    def _load(self, source: ImageSource, record: RequestRecord) -> Image.Image:
+    def load_image(self, source: ImageSource, record: RequestRecord) -> Image.Image:
         """Fetch (unless uploaded) and decode, each stage timed in ``record``."""
         with record.stage("fetch"):
             data = source.data if source.data is not None else self.fetcher.fetch(str(source.url))
@@ -152,7 +152,7 @@ class DetectionService:
                 data, self.settings.max_image_pixels, "the upload" if source.uploaded else "the URL's body"
             )
 
-    def _detect(
+    def run_model(
         self,
         image: Image.Image,
         options: DetectOptions | None,
@@ -215,8 +215,8 @@ class BatchRun:
         def load() -> tuple[Image.Image | DetectionError, RequestRecord]:
             scratch = RequestRecord("batch", "")
             try:
-                source = self.service._checked(self.sources[index], scratch)
-                return self.service._load(source, scratch), scratch
+                source = self.service.check_source(self.sources[index], scratch)
+                return self.service.load_image(source, scratch), scratch
             except DetectionError as exc:
                 return exc, scratch
 
@@ -230,7 +230,7 @@ class BatchRun:
                 record.stages.update(scratch.stages)
                 if isinstance(loaded, DetectionError):
                     raise loaded
-                return self.service._detect(loaded, self.options, record, self.client_alive)
+                return self.service.run_model(loaded, self.options, record, self.client_alive)
         except DetectionError as exc:
             return exc
         except Exception:  # recorded as internal by the record; the other images carry on
