@@ -11,7 +11,9 @@ markers that the schema builder replaces by the configured values.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal, get_args
+from urllib.parse import quote
 
 from pydantic import (
     BaseModel,
@@ -46,6 +48,28 @@ Url = Annotated[
     ),
 ]
 ClassName = Annotated[str, StringConstraints(max_length=MAX_CLASS_NAME)]
+
+# gunicorn answers 414 itself, before the app sees the request, when its request line is over
+# this (its ``limit_request_line``, which http_app/gunicorn.conf.py sets from here). So a query
+# string may name only as many classes as surely fit beside the method, path and other options.
+REQUEST_LINE_BYTES = 4094
+_REQUEST_LINE_OTHERS = 512
+
+
+def query_classes_limit(categories: list[str] | None) -> int:
+    """The most ``classes`` a query string may name: as many of the longest name (percent-encoded)
+    as fit in the request line; while the model's names are not known, of the longest allowed."""
+    longest = max((len(quote(name, safe="")) for name in categories), default=1) if categories else 0
+    longest = longest or 3 * MAX_CLASS_NAME
+    fitting = (REQUEST_LINE_BYTES - _REQUEST_LINE_OTHERS) // (len("&classes=") + longest)
+    return max(1, min(MAX_CLASSES, fitting))
+
+
+def listed_names(values: Iterable[str], separator: str | None = None) -> list[str]:
+    """Class names as a form, a query string (comma-separated, ``separator``) or a gRPC list
+    sends them: each stripped, blanks left out."""
+    parts = (part for value in values for part in (value.split(separator) if separator else [value]))
+    return [name for name in (part.strip() for part in parts) if name]
 
 
 def _settings(info: ValidationInfo) -> Settings:
@@ -112,11 +136,9 @@ class DetectRequest(Options):
 
 
 class DetectForm(Options):
-    """Exactly one of `image` (a file) and `url`."""
+    """An uploaded image and its options (a URL is sent as JSON)."""
 
-    url: Url | None = None
-    image: bytes | None = Field(
-        None,
+    image: bytes = Field(
         description="The image file (at most `FETCH_MAX_BYTES`); its type is read from its bytes.",
         json_schema_extra={"format": "binary", "type": "string"},
     )
@@ -134,9 +156,14 @@ class BatchRequest(Options):
 class BatchForm(Options):
     """At least one `url` or `image`, at most `MAX_BATCH_IMAGES` in all."""
 
-    url: list[Any] | None = Field(None, json_schema_extra={"x-setting-maxItems": "max_batch_images"})
+    url: list[Any] | None = Field(
+        None,
+        description="Image URLs, one per `url` field; each is checked in its turn, as in a JSON batch.",
+        json_schema_extra={"x-setting-maxItems": "max_batch_images"},
+    )
     image: list[bytes] | None = Field(
         None,
+        description="Image files, one per `image` file part.",
         json_schema_extra={
             "x-setting-maxItems": "max_batch_images",
             "items": {"type": "string", "format": "binary"},

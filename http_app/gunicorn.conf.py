@@ -5,7 +5,7 @@ Run from the repository root:  gunicorn -c http_app/gunicorn.conf.py "http_app:c
 
 import os
 
-from common import metrics
+from common import api, metrics
 from common.config import Settings
 from common.logs import stack_formatter
 
@@ -22,6 +22,8 @@ graceful_timeout = 30
 # Idle keep-alive connections stay open longer than any Retry-After and than the usual load
 # balancer idle timeouts (60 s), so that a client never sends on a connection being closed.
 keepalive = 75
+# gunicorn's default, stated here because the schema bounds query strings by it (common.api)
+limit_request_line = api.REQUEST_LINE_BYTES
 # In JSON mode the app's own line per request (common.observe) replaces the access log.
 accesslog = "-" if _settings.log_format == "text" else None
 errorlog = "-"

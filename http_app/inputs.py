@@ -1,10 +1,10 @@
 """What an HTTP request carries, read within its limits and checked against the API's types.
 
 A detection request sends its image as JSON (``{"url": ...}``; parsed whatever the Content-Type
-says, since ``curl -d`` sends form encoding), as multipart/form-data (an ``image`` file or a
-``url`` field) or as the body itself (``image/*`` or ``application/octet-stream``). Its options
-may be in the body (JSON or form fields) and in the query string; one given in both is the
-body's. JSON is checked strictly (a number is a number); forms and query strings carry only
+says, since ``curl -d`` sends form encoding), as multipart/form-data (an ``image`` file; a batch
+may add ``url`` fields) or as the body itself (``image/*`` or ``application/octet-stream``). Its
+options may be in the body (JSON or form fields) and in the query string; one given in both is
+the body's. JSON is checked strictly (a number is a number); forms and query strings carry only
 text, so their values are converted, and ``classes`` may be repeated or comma-separated.
 """
 
@@ -80,7 +80,7 @@ def text_values(fields: MultiDict, where: str) -> dict[str, Any]:
     for name in fields:
         given = fields.getlist(name)
         if name == "classes":
-            values[name] = [part for value in given for part in value.split(",")]
+            values[name] = api.listed_names(given, ",")
         elif name in _LISTS:
             values[name] = given
         elif len(given) > 1:
@@ -90,15 +90,21 @@ def text_values(fields: MultiDict, where: str) -> dict[str, Any]:
     return values
 
 
-def query_options(settings: Settings) -> api.Options:
-    return checked(
-        api.Options, text_values(request.args, "query string"), "query parameters", settings, False
-    )
+def query_options(settings: Settings, categories: list[str] | None) -> api.Options:
+    """The query string's options; ``categories`` (the model's names, None while it loads) bound
+    how many classes it may name."""
+    values = text_values(request.args, "query string")
+    limit = api.query_classes_limit(categories)
+    if len(values.get("classes", ())) > limit:
+        raise errors.InvalidRequest(
+            f"the query string may name at most {limit} classes; name more in the body"
+        )
+    return checked(api.Options, values, "query parameters", settings, False)
 
 
-def with_query(options: api.Options, settings: Settings) -> DetectOptions:
+def with_query(options: api.Options, settings: Settings, categories: list[str] | None) -> DetectOptions:
     """The body's options, completed by those of the query string."""
-    query = query_options(settings)
+    query = query_options(settings, categories)
     given = {
         name: getattr(options, name) for name in options.model_fields_set & set(api.Options.model_fields)
     }
@@ -127,46 +133,43 @@ def _files(files: MultiDict, settings: Settings) -> list[ImageSource]:
     return [_upload(storage, settings.fetch_max_bytes) for storage in files.getlist("image")]
 
 
-def one_image(settings: Settings) -> tuple[ImageSource, DetectOptions]:
+def one_image(settings: Settings, categories: list[str] | None) -> tuple[ImageSource, DetectOptions]:
     """The image and options of a ``/v1/detect`` request, however it was sent."""
     kind = body_kind()
     if kind == "raw":
-        return ImageSource(data=body(settings.max_upload_bytes)), query_options(settings).detect_options(
-            settings
-        )
+        options = query_options(settings, categories).detect_options(settings)
+        return ImageSource(data=body(settings.max_upload_bytes)), options
     if kind == "multipart":
         form, files = _form(settings)
-        values = text_values(form, "form")
-        if len(values.get("url", ())) > 1:
-            raise errors.InvalidRequest("'url' is given more than once in the form")
-        if "url" in values:
-            values["url"] = values["url"][0]
-        fields = checked(api.DetectForm, values, "form fields", settings, False)
+        if "url" in form:
+            raise errors.InvalidRequest('a URL is sent as JSON ({"url": "https://..."}), not in a form')
         uploads = _files(files, settings)
-        if len(uploads) + (fields.url is not None) != 1:
-            raise errors.InvalidRequest("send one image: an 'image' file field or a 'url' field")
-        source = uploads[0] if uploads else ImageSource(url=fields.url)
-        return source, with_query(fields, settings)
+        if len(uploads) != 1:
+            raise errors.InvalidRequest("send one image, in the 'image' file field")
+        fields = checked(api.Options, text_values(form, "form"), "form fields", settings, False)
+        return uploads[0], with_query(fields, settings, categories)
     values = json_object(settings.max_request_bytes, '{"url": "https://..."}')
     request_body = checked(api.DetectRequest, values, "fields", settings, True)
-    return ImageSource(url=request_body.url), with_query(request_body, settings)
+    return ImageSource(url=request_body.url), with_query(request_body, settings, categories)
 
 
-def many_images(settings: Settings) -> tuple[list[ImageSource], DetectOptions]:
+def many_images(settings: Settings, categories: list[str] | None) -> tuple[list[ImageSource], DetectOptions]:
     """The images and options of a ``/v1/detect/batch`` request (JSON or multipart)."""
     kind = body_kind()
     if kind == "multipart":
         form, files = _form(settings)
+        if "image" in form:  # a part without a file name: text, not an image
+            raise errors.InvalidRequest("'image' is sent as a file (a part with a filename), not as text")
         fields = checked(api.BatchForm, text_values(form, "form"), "form fields", settings, False)
         sources = [ImageSource(url=url) for url in fields.url or ()]
-        return sources + _files(files, settings), with_query(fields, settings)
+        return sources + _files(files, settings), with_query(fields, settings, categories)
     if kind == "raw":
         raise errors.InvalidRequest("a batch is sent as JSON or multipart/form-data, not as a raw image")
     # a JSON batch lists up to MAX_BATCH_IMAGES URLs: each may take what one JSON request may
     limit = settings.max_request_bytes * settings.max_batch_images
     values = json_object(limit, '{"urls": ["https://...", ...]}')
     batch = checked(api.BatchRequest, values, "fields", settings, True)
-    return [ImageSource(url=url) for url in batch.urls], with_query(batch, settings)
+    return [ImageSource(url=url) for url in batch.urls], with_query(batch, settings, categories)
 
 
 def predict_url(settings: Settings) -> str:

@@ -12,9 +12,10 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from common import api
 from common.config import Settings
 from http_app.app import create_app
-from testkit.fake_model import FakeModel
+from testkit.fake_model import CATEGORIES, FakeModel
 from testkit.image_server import ImageServer
 from testkit.images import encode, scene
 
@@ -32,9 +33,9 @@ def images():
 
 
 @pytest.fixture
-def make_app(tmp_path, images):
+def make_app(run_dir, images):
     def make(model: FakeModel | None = None, **env: str):
-        values = {"RUN_DIR": str(tmp_path), "ALLOWED_PRIVATE_TARGETS": f"127.0.0.1:{images.port}"} | env
+        values = {"RUN_DIR": str(run_dir), "ALLOWED_PRIVATE_TARGETS": f"127.0.0.1:{images.port}"} | env
         settings = Settings.from_env(values)
         app = create_app(settings, model if model is not None else FakeModel())
         return app.test_client()
@@ -115,7 +116,10 @@ def test_a_model_that_failed_to_load_is_503_and_readyz_says_why(make_app, images
     message = error_of(client.post("/predict", json={"url": images.url("/img/scene.png")}), 503, "not_ready")
     assert "WEIGHTS_FILE" in message
     ready = client.get("/readyz")
-    assert ready.status_code == 503 and ready.get_json() == {"status": "failed", "message": "set WEIGHTS_FILE"}
+    assert ready.status_code == 503 and ready.get_json() == {
+        "status": "failed",
+        "message": "set WEIGHTS_FILE",
+    }
     error_of(client.get("/v1/model"), 503, "not_ready")
     assert client.get("/healthz").get_json() == {"status": "alive"}
 
@@ -133,7 +137,9 @@ def test_a_full_stack_sheds_with_retry_after_before_fetching(make_app, images):
     client = make_app(model, MAX_QUEUE_WAIT="0")  # one pass running plus one waiting
     images.add("/img/shed.png", PNG, "image/png")
     url = images.url("/img/shed.png")
-    held = [threading.Thread(target=client.post, args=("/predict",), kwargs={"json": {"url": url}}) for _ in "ab"]
+    held = [
+        threading.Thread(target=client.post, args=("/predict",), kwargs={"json": {"url": url}}) for _ in "ab"
+    ]
     for thread in held:
         thread.start()
     assert model.in_pass.acquire(timeout=10)
@@ -172,7 +178,9 @@ def test_detect_takes_an_upload_a_raw_body_and_query_options(client):
     assert form.status_code == 200 and set(form.get_json()["instances"][0]["mask"]) == {"rle"}
     raw = client.post("/v1/detect?threshold=0.4&classes=person,cat", data=PNG, content_type="image/png")
     assert [item["label"] for item in raw.get_json()["instances"]] == ["cat", "person"]
-    repeated = client.post("/v1/detect?classes=dog&classes=cat", data=PNG, content_type="application/octet-stream")
+    repeated = client.post(
+        "/v1/detect?classes=dog&classes=cat", data=PNG, content_type="application/octet-stream"
+    )
     assert [item["label"] for item in repeated.get_json()["instances"]] == ["cat", "dog"]
 
 
@@ -194,7 +202,8 @@ def test_query_options_complete_a_json_body_which_wins(client, images):
         ({"json": {"url": "http://127.0.0.1/x", "classes": ["unicorn"]}}, "invalid_request"),
         ({"json": {"url": "http://127.0.0.1/x"}, "query_string": {"mask": "rle"}}, "invalid_request"),
         ({"data": {"image": (io.BytesIO(PNG), "a.png"), "url": "http://x/y"}}, "invalid_request"),
-        ({"data": {"threshold": ["0.5", "0.6"], "url": "http://x/y"}}, "invalid_request"),
+        ({"data": {"threshold": ["0.5", "0.6"], "image": (io.BytesIO(PNG), "a.png")}}, "invalid_request"),
+        ({"data": {"url": "http://x/y"}, "content_type": "multipart/form-data"}, "invalid_request"),
         ({"data": {"picture": (io.BytesIO(PNG), "a.png")}}, "invalid_request"),
         ({"data": b"", "content_type": "image/png"}, "not_an_image"),
         ({"data": b"GIF89a-truncated", "content_type": "image/gif"}, "not_an_image"),
@@ -206,8 +215,11 @@ def test_detect_refuses_bad_requests(client, request_args, code):
 
 
 def test_an_unknown_class_is_refused_before_fetching(client, images):
-    error_of(client.post("/v1/detect", json={"url": images.url("/img/never"), "classes": ["kite"]}), 400,
-             "invalid_request")
+    error_of(
+        client.post("/v1/detect", json={"url": images.url("/img/never"), "classes": ["kite"]}),
+        400,
+        "invalid_request",
+    )
     assert not images.requests_for("/img/never")
 
 
@@ -231,7 +243,11 @@ def test_a_batch_answers_one_line_per_image(client, images):
     assert [line["index"] for line in answer] == [0, 1, 2, 3]
     assert [item["label"] for item in answer[0]["instances"]] == ["cat", "dog"]
     assert "polygons" in answer[0]["instances"][0]["mask"]
-    assert [line["error"]["code"] for line in answer[1:]] == ["invalid_request", "invalid_request", "not_an_image"]
+    assert [line["error"]["code"] for line in answer[1:]] == [
+        "invalid_request",
+        "invalid_request",
+        "not_an_image",
+    ]
 
 
 def test_a_multipart_batch_mixes_urls_and_uploads(client, images):
@@ -247,10 +263,17 @@ def test_a_batch_refused_whole_gets_one_json_error(make_app, images):
     error_of(client.post("/v1/detect/batch", json={"urls": []}), 400, "invalid_request")
     error_of(client.post("/v1/detect/batch", json={"urls": [url] * 3}), 413, "too_large")
     multipart = "multipart/form-data"
-    error_of(client.post("/v1/detect/batch", data={"url": [url] * 3}, content_type=multipart), 413, "too_large")
+    error_of(
+        client.post("/v1/detect/batch", data={"url": [url] * 3}, content_type=multipart), 413, "too_large"
+    )
     error_of(client.post("/v1/detect/batch", data={}, content_type=multipart), 400, "invalid_request")
     error_of(client.post("/v1/detect/batch", data=PNG, content_type="image/png"), 400, "invalid_request")
-    error_of(client.post("/v1/detect/batch", json={"urls": [url], "classes": ["kite"]}), 400, "invalid_request")
+    as_text = {"url": url, "image": "not a file"}  # an image part without a filename
+    refused = client.post("/v1/detect/batch", data=as_text, content_type=multipart)
+    assert "as a file" in error_of(refused, 400, "invalid_request")
+    error_of(
+        client.post("/v1/detect/batch", json={"urls": [url], "classes": ["kite"]}), 400, "invalid_request"
+    )
     assert not images.requests_for("/img/batch-refused.png")
 
 
@@ -306,5 +329,15 @@ def test_the_schema_documents_every_route_with_the_configured_limits(make_app):
     assert schemas["Options"]["properties"]["threshold"]["minimum"] == 0.3
     classes = schemas["Options"]["properties"]["classes"]["anyOf"][0]
     assert classes["items"]["enum"] == ["person", "bicycle", "car", "cat", "dog"]
-    query = {parameter["name"] for parameter in document["paths"]["/v1/detect"]["post"]["parameters"]}
-    assert {"threshold", "classes", "masks", "X-Request-ID"} <= query
+    parameters = {item["name"]: item for item in document["paths"]["/v1/detect"]["post"]["parameters"]}
+    assert {"threshold", "classes", "masks", "X-Request-ID"} <= set(parameters)
+    assert parameters["classes"]["schema"]["maxItems"] == api.query_classes_limit(CATEGORIES)
+
+
+def test_a_query_string_names_no_more_classes_than_fit_its_request_line(client, images):
+    limit = api.query_classes_limit(CATEGORIES)
+    url = images.url("/img/scene.png")
+    fits = client.post("/v1/detect", json={"url": url}, query_string=[("classes", "dog")] * limit)
+    assert [item["label"] for item in fits.get_json()["instances"]] == ["dog"]
+    over = client.post("/v1/detect", json={"url": url}, query_string=[("classes", "dog")] * (limit + 1))
+    assert f"at most {limit} classes" in error_of(over, 400, "invalid_request")
