@@ -2,7 +2,7 @@
 
 ``DetectionError`` and its subclasses are what a request can fail with; each server maps them to
 its own protocol in exactly one place (``http_app.errors.HTTP_STATUS`` and
-``grpc_app.server.GRPC_STATUS``). Their messages are safe to show to clients. ``ConfigError`` and
+``grpc_app.servicer.GRPC_STATUS``). Their messages are safe to show to clients. ``ConfigError`` and
 ``ModelLoadError`` are start-up failures: the process (or its model) cannot run as configured.
 """
 

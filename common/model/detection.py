@@ -15,6 +15,11 @@ ClientAlive = Callable[[], bool]
 # compressed RLE, or both.
 MASK_FORMATS = ("none", "polygons", "rle", "both")
 
+# Answers carry scores and box corners rounded to these decimals (float32 on the gRPC wire blurs
+# them; its readers round again to print what HTTP prints).
+SCORE_DECIMALS = 4
+PIXEL_DECIMALS = 2
+
 
 @dataclass(frozen=True)
 class DetectOptions:

@@ -16,7 +16,15 @@ from torchvision.transforms.functional import pil_to_tensor
 from common.config import Settings
 from common.errors import Cancelled
 from common.model import accel
-from common.model.detection import ClientAlive, Detection, DetectOptions, Instance, check_classes
+from common.model.detection import (
+    PIXEL_DECIMALS,
+    SCORE_DECIMALS,
+    ClientAlive,
+    Detection,
+    DetectOptions,
+    Instance,
+    check_classes,
+)
 from common.model.masks import encode, paste
 from common.model.weights import (
     build_model,
@@ -175,8 +183,8 @@ class Detector:
                 else:
                     mask = paste(output["mask_probs"][index], box, done.height, done.width)
                 polygons, rle = encode(mask, options)
-            corners = tuple(round(float(value), 2) for value in box.tolist())
-            instances.append(Instance(name, round(float(score), 4), corners, polygons, rle))  # type: ignore[arg-type]
+            corners = tuple(round(float(value), PIXEL_DECIMALS) for value in box.tolist())
+            instances.append(Instance(name, round(float(score), SCORE_DECIMALS), corners, polygons, rle))  # type: ignore[arg-type]
         return Detection(objects, done.queue_seconds, done.pass_seconds, instances, done.width, done.height)
 
     def detect_raw(self, image: Image.Image) -> dict[str, torch.Tensor]:
