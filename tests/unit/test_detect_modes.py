@@ -53,6 +53,9 @@ def logged(logger: str = "common.model", level: int = logging.INFO):
         target.setLevel(previous)
 
 
+pytestmark = pytest.mark.model  # every test here builds and converts the real architecture
+
+
 @pytest.fixture(scope="module")
 def realistic(tmp_path_factory):
     path = tmp_path_factory.mktemp("realistic") / "realistic.pt"

@@ -16,6 +16,7 @@ from testkit.stack import free_port
 THREADS = 2
 
 
+@pytest.mark.model
 def test_each_checkpoint_answers_its_own_class(checkpoints):
     image = scene(200, 150)
     answers = {}
@@ -27,6 +28,7 @@ def test_each_checkpoint_answers_its_own_class(checkpoints):
     assert answers == {CLASS_A: [CLASS_A], CLASS_B: [CLASS_B]}
 
 
+@pytest.mark.model
 def test_training_checkpoint_layout_is_accepted(checkpoints, tmp_path):
     path, _ = checkpoints[CLASS_A]
     wrapped = tmp_path / "wrapped.pt"
@@ -40,12 +42,14 @@ def test_missing_file(tmp_path):
         Detector.from_settings(settings_for(tmp_path / "nope.pt", TORCH_THREADS=THREADS))
 
 
+@pytest.mark.model
 def test_wrong_checksum(checkpoints):
     path, _ = checkpoints[CLASS_A]
     with pytest.raises(ModelLoadError, match="WEIGHTS_SHA256"):
         Detector.from_settings(settings_for(path, WEIGHTS_SHA256="0" * 64, TORCH_THREADS=THREADS))
 
 
+@pytest.mark.model
 def test_truncated_file(checkpoints, tmp_path):
     path, _ = checkpoints[CLASS_A]
     truncated = tmp_path / "truncated.pt"
@@ -106,6 +110,7 @@ def own_checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(("name", "text"), [
     ("labels.txt", "widget\ngadget\n\nsprocket\n"),  # the usual file: no background, blank lines ignored
     ("labels.json", '["__background__", "widget", "gadget", "sprocket"]'),
@@ -119,6 +124,7 @@ def test_own_classes_are_named_from_the_labels_file(own_checkpoint, tmp_path, na
     assert detector.detect(scene(160, 120)) == ["gadget"]
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(("text", "message"), [
     ("widget\ngadget\n", "has 2 names, but the checkpoint's box head has 4 classes"),
     ("a\nb\nc\nd\ne\n", "has 5 names, but the checkpoint's box head has 4 classes"),
@@ -131,6 +137,7 @@ def test_labels_that_do_not_fit_the_head_are_a_load_error(own_checkpoint, tmp_pa
         Detector.from_settings(settings_for(own_checkpoint, LABELS_FILE=labels, TORCH_THREADS=THREADS))
 
 
+@pytest.mark.model
 def test_a_head_not_cocos_needs_a_labels_file(own_checkpoint):
     with pytest.raises(ModelLoadError, match="4 classes, not COCO's 91: set LABELS_FILE"):
         Detector.from_settings(settings_for(own_checkpoint, TORCH_THREADS=THREADS))

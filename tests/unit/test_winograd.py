@@ -124,6 +124,7 @@ def small_model():
     return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).eval()
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("places", [graph.WINOGRAD, ("P3",), ("layer2", "layer4")],
                          ids=["exact-path", "P3", "layer2+layer4"])
 def test_graph_uses_winograd_where_asked_and_leaves_the_model_alone(small_model, places):
@@ -171,6 +172,7 @@ def test_strips_are_given_for_fpn_levels_only():
     assert all(isinstance(n, int) and n >= 1 for n in graph.WINOGRAD_STRIPS.values())
 
 
+@pytest.mark.model
 def test_unknown_winograd_place_is_refused(small_model):
     with pytest.raises(ValueError, match="P7"):
         graph.BackboneRPNHead(small_model, ("P2", "P7"))
