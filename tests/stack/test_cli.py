@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from client.cli import label_colour
+from client.annotate import label_colour
 from testkit import VENV_BIN
 from testkit.checkpoints import CLASS_A
 from testkit.images import sample_images
