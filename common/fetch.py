@@ -43,13 +43,14 @@ _PORT = "0*(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{
 _BLANK = r"[\t\n\x0b\x0c\r ]*"
 # The URLs a request may name, as the API's schema states it (common.api): blanks around it are
 # ignored; http(s); an optional user (without a backslash, where urllib3 ends the host); a host
-# name of ASCII labels, or an IPv6 address in brackets; a port from 1 to 65535; then anything
+# name of ASCII labels, or an IPv6 address in brackets (with a zone id, RFC 6874, which the SSRF
+# guard ignores: the address is what it checks); a port from 1 to 65535; then anything
 # without control characters. Host names in another script are sent in their ASCII (punycode)
 # form.
 URL_PATTERN = (
     f"^{_BLANK}[Hh][Tt][Tt][Pp][Ss]?://"
     r"(?:[^\x00-\x20\x7f/\\?#@\[\]]*@)?"
-    f"(?:[A-Za-z0-9_~-]{{1,63}}(?:\\.[A-Za-z0-9_~-]{{1,63}})*\\.?|\\[(?:{_IPV6})\\])"
+    f"(?:[A-Za-z0-9_~-]{{1,63}}(?:\\.[A-Za-z0-9_~-]{{1,63}})*\\.?|\\[(?:{_IPV6})(?:%25[A-Za-z0-9._~-]+)?\\])"
     f"(?::(?:{_PORT})?)?"
     r"(?:[/?#][^\x00-\x1f\x7f]*)?"
     f"{_BLANK}$"

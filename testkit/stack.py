@@ -91,7 +91,12 @@ class Stack:
         self.grpc_port = free_port()
         self.log_path = self.workdir / "stack.log"
         self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("SUPERVISOR_")},
+            # the stack's processes find their metrics directory from RUN_DIR, not from this process
+            **{
+                k: v
+                for k, v in os.environ.items()
+                if not k.startswith("SUPERVISOR_") and k != "PROMETHEUS_MULTIPROC_DIR"
+            },
             "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "RUN_DIR": str(self.workdir / "run"),
             "BIND_HOST": "127.0.0.1",

@@ -7,10 +7,19 @@ are fine), tests/stack if it needs the supervisord stack, tests/container for th
 
 from __future__ import annotations
 
-import pytest
+import os
+import tempfile
 
-from testkit.checkpoints import CLASS_A, CLASS_B, make_forced_checkpoint
-from testkit.clients import generate_client_stubs
+# The in-process tests (tests/unit) build the HTTP app and the gRPC server, which count in
+# prometheus_client's multiprocess mode; prometheus_client decides its mode when it is first
+# imported, and tests/stack's modules import it when collected, so the variable is set here,
+# before any test module is. (testkit.stack does not pass it on: each stack has its own.)
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="unit-metrics-"))
+
+import pytest  # noqa: E402
+
+from testkit.checkpoints import CLASS_A, CLASS_B, make_forced_checkpoint  # noqa: E402
+from testkit.clients import generate_client_stubs  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,13 @@
 """In-process tests build the HTTP app and the gRPC server, which count in prometheus-client's
-multiprocess mode: prometheus_client decides its mode when first imported, so the variable is set
-before any test module imports it; the ``run_dir`` fixture keeps every app on that directory."""
+multiprocess mode over the directory tests/conftest.py names (before anything imports
+prometheus_client); the ``run_dir`` fixture keeps every app on that directory."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 
+# set by tests/conftest.py; the default only serves a run of this folder's files without it
 METRICS_DIR = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="unit-metrics-"))
 
 import pytest  # noqa: E402
