@@ -72,7 +72,8 @@ def listed_names(values: Iterable[str], separator: str | None = None) -> list[st
     return [name for name in (part.strip() for part in parts) if name]
 
 
-def _settings(info: ValidationInfo) -> Settings:
+def settings_of(info: ValidationInfo) -> Settings:
+    """The Settings a validation runs with (its context), or the defaults."""
     context = info.context or {}
     return context.get("settings") or Settings()
 
@@ -113,7 +114,7 @@ class Options(BaseModel):
     def _threshold_in_range(cls, value: float | None, info: ValidationInfo) -> float | None:
         if value is None:
             return None
-        low = lowest_threshold(_settings(info))
+        low = lowest_threshold(settings_of(info))
         if not math.isfinite(value) or not low <= value <= 1:
             raise ValueError(f"must be from {low:g} (MIN_SCORE_THRESHOLD) to 1")
         return value
@@ -275,4 +276,6 @@ def validation_problem(exc: ValidationError, where: str) -> InvalidRequest:
     if problem["type"] == "missing":
         return InvalidRequest(f"{location!r} is missing")
     message = problem["msg"].removeprefix("Value error, ")
+    if problem["type"] in ("literal_error", "enum", "union_tag_invalid"):  # say what was sent
+        message += f", not {str(problem.get('input'))[:60]!r}"
     return InvalidRequest(f"{location!r}: {message}")

@@ -10,6 +10,7 @@ Paths that follow from ``RUN_DIR`` are properties, not settings.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -66,6 +67,13 @@ def _names(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.replace(";", ",").split(",") if item.strip())
 
 
+def _model_name(raw: str) -> str:
+    value = raw.strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+        raise ValueError("must be 1 to 64 of A-Z a-z 0-9 . _ - (it is a URL path segment)")
+    return value
+
+
 def _sha256(raw: str) -> str:
     value = raw.strip().lower()
     if value and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value)):
@@ -91,6 +99,7 @@ SETTINGS: tuple[Setting, ...] = (
         "LOG_LEVEL", "log_level", _upper, "user", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
     ),
     Setting("LOG_FORMAT", "log_format", _lower, "user", choices=("json", "text")),
+    Setting("V2_MODEL_NAME", "v2_model_name", _model_name, "user"),
     # Limits on what a request may cost
     Setting("FETCH_CONNECT_TIMEOUT", "fetch_connect_timeout", float, "limits", minimum=0.001),
     Setting("FETCH_READ_TIMEOUT", "fetch_read_timeout", float, "limits", minimum=0.001),
@@ -150,6 +159,7 @@ class Settings:
     run_dir: str = "/tmp/instance-detector"
     log_level: str = "INFO"
     log_format: str = "json"  # json: one JSON object per line (request lines included); text: plain lines
+    v2_model_name: str = "maskrcnn"  # the model's name in the Open Inference Protocol (/v2/models/<name>)
     # Admission control: a request is admitted only if its pass can start within about this many
     # seconds (the model's measured pass time decides how many that is); others are shed at once.
     max_queue_wait: float = 10.0

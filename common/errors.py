@@ -35,6 +35,13 @@ class InvalidRequest(DetectionError):
     code = "invalid_request"
 
 
+class NotFound(DetectionError):
+    """The request names something the service does not have (an Open Inference Protocol model
+    or version other than the served one)."""
+
+    code = "not_found"
+
+
 class ForbiddenTarget(DetectionError):
     """The URL points at an address the service must not fetch from (SSRF guard)."""
 

@@ -1,5 +1,6 @@
-"""The standalone gRPC server: ``inference.InstanceDetector`` (``grpc_app.servicer``) plus
-reflection and health, and the readiness that health reports."""
+"""The standalone gRPC server: ``inference.InstanceDetector`` (``grpc_app.servicer``) and the Open
+Inference Protocol's ``inference.GRPCInferenceService`` (``grpc_app.v2``), plus reflection and
+health, and the readiness that health reports."""
 
 from __future__ import annotations
 
@@ -18,19 +19,21 @@ from common.logs import configure_logging
 from common.model import open_model
 from common.pipeline import DetectionService
 from common.process import exit_now, wait_for_stop_signal
+from grpc_app import v2
 from grpc_app.servicer import SERVICE_NAME, InstanceDetectorServicer, TolerantParsing, message_limits
-from grpc_app.stubs import inference_pb2_grpc
+from grpc_app.stubs import inference_pb2_grpc, open_inference_grpc_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 READINESS_POLL_SECONDS = 1.0
+SERVED = (SERVICE_NAME, v2.SERVICE_NAME)  # listed by reflection, each with its health status
 
 
 def build_server(settings: Settings, service: DetectionService):
     """A started server with the detector, health and reflection services; returns (server, health)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_threads, thread_name_prefix="grpc"),
-        interceptors=[TolerantParsing(message_limits(settings))],
+        interceptors=[TolerantParsing(message_limits(settings) | v2.message_limits(settings))],
         options=[
             # Predict keeps MAX_REQUEST_BYTES (TolerantParsing checks); Detect may carry an upload
             ("grpc.max_receive_message_length", max(settings.max_request_bytes, settings.max_upload_bytes)),
@@ -40,10 +43,13 @@ def build_server(settings: Settings, service: DetectionService):
     )
     servicer = InstanceDetectorServicer(service, metrics.inference_counter("grpc"))
     inference_pb2_grpc.add_InstanceDetectorServicer_to_server(servicer, server)
+    open_inference_grpc_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        v2.InferenceServicer(service), server
+    )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    for name in ("", SERVICE_NAME):
+    reflection.enable_server_reflection((*SERVED, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    for name in ("", *SERVED):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     address = f"{settings.bind_host}:{settings.grpc_port}"
     if server.add_insecure_port(address) == 0:
@@ -66,7 +72,7 @@ def _report_readiness(service: DetectionService, health_servicer) -> None:
                 if serving
                 else health_pb2.HealthCheckResponse.NOT_SERVING
             )
-            for name in ("", SERVICE_NAME):
+            for name in ("", *SERVED):
                 health_servicer.set(name, status)
         time.sleep(READINESS_POLL_SECONDS)
 

@@ -1,6 +1,7 @@
 """``inference.InstanceDetector``: each method turns its message into one call on the
-``DetectionService`` (``grpc_app.convert`` translates) and leaves through ``_answering``, the one
-place where errors become gRPC statuses (``GRPC_STATUS``).
+``DetectionService`` (``grpc_app.convert`` translates) and leaves through ``answering``, the one
+place where errors become gRPC statuses (``GRPC_STATUS``; the Open Inference Protocol's servicer,
+``grpc_app.v2``, uses it too).
 
 Messages reach the methods through ``TolerantParsing``: bytes that do not parse, or that are over
 the method's limit, arrive as the ``DetectionError`` to answer (INVALID_ARGUMENT,
@@ -31,6 +32,7 @@ REQUEST_ID_KEY = "x-request-id"
 GRPC_STATUS = {
     errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ForbiddenTarget: grpc.StatusCode.PERMISSION_DENIED,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.NotAnImage: grpc.StatusCode.INVALID_ARGUMENT,
     errors.UpstreamFailed: grpc.StatusCode.FAILED_PRECONDITION,
@@ -87,13 +89,30 @@ def _tolerant(parse: Callable[[bytes], object], method: str, limit: int) -> Call
     return tolerant
 
 
-def _parsed(request):
+@contextlib.contextmanager
+def answering(context, method: str) -> Iterator[None]:
+    """Every error of a call leaves here, as the status of GRPC_STATUS (unexpected ones as
+    INTERNAL, their traceback to the log only)."""
+    try:
+        yield
+    except errors.DetectionError as exc:
+        if isinstance(exc, errors.Overloaded):  # gRPC's own retry policy reads the pushback
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(exc.retry_after * 1000)),))
+        context.abort(grpc_status(exc), f"{exc.code}: {exc.message}")
+    except Exception:
+        log.exception("unhandled error in %s", method)
+        context.abort(grpc.StatusCode.INTERNAL, "internal: internal error; see the service log")
+
+
+def parsed(request):
+    """The message, or the error TolerantParsing made of its bytes raised."""
     if isinstance(request, errors.DetectionError):
         raise request
     return request
 
 
-def _offered_id(context) -> str | None:
+def offered_id(context) -> str | None:
+    """The client's request id (metadata ``x-request-id``), if it sent one."""
     return dict(context.invocation_metadata()).get(REQUEST_ID_KEY)
 
 
@@ -104,42 +123,30 @@ class InstanceDetectorServicer(inference_pb2_grpc.InstanceDetectorServicer):
         self.inference_count = inference_count  # the course counter: every Predict call
         self.observer = Observer("grpc", lambda exc: grpc_status(exc).name)
 
-    @contextlib.contextmanager
-    def _answering(self, context, method: str) -> Iterator[None]:
-        try:
-            yield
-        except errors.DetectionError as exc:
-            if isinstance(exc, errors.Overloaded):  # gRPC's own retry policy reads the pushback
-                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(exc.retry_after * 1000)),))
-            context.abort(grpc_status(exc), f"{exc.code}: {exc.message}")
-        except Exception:
-            log.exception("unhandled error in %s", method)
-            context.abort(grpc.StatusCode.INTERNAL, "internal: internal error; see the service log")
-
     def Predict(self, request, context):
         self.inference_count.inc()
-        with self._answering(context, "Predict"), self.observer.request(_offered_id(context)) as record:
+        with answering(context, "Predict"), self.observer.request(offered_id(context)) as record:
             context.send_initial_metadata(((REQUEST_ID_KEY, record.request_id),))
-            objects = self.service.predict(_parsed(request).url, record, context.is_active)
+            objects = self.service.predict(parsed(request).url, record, context.is_active)
         return inference_pb2.InstanceDetectorOutput(objects=objects)
 
     def Detect(self, request, context):
         with (
-            self._answering(context, "Detect"),
-            self.observer.request(_offered_id(context), "detect") as record,
+            answering(context, "Detect"),
+            self.observer.request(offered_id(context), "detect") as record,
         ):
             context.send_initial_metadata(((REQUEST_ID_KEY, record.request_id),))
-            request = _parsed(request)
+            request = parsed(request)
             options = convert.options(request.options, self.settings)
             detection = self.service.detect(convert.source(request.image), options, record, context.is_active)
         return convert.detection_message(detection)
 
     def DetectBatch(self, request, context):
-        batch_id = request_id(_offered_id(context))
+        batch_id = request_id(offered_id(context))
         context.send_initial_metadata(((REQUEST_ID_KEY, batch_id),))
-        with self._answering(context, "DetectBatch"):
+        with answering(context, "DetectBatch"):
             try:
-                request = _parsed(request)
+                request = parsed(request)
                 run = self.service.start_batch(
                     [convert.source(image) for image in request.images],
                     convert.options(request.options, self.settings),

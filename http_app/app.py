@@ -1,7 +1,8 @@
 """The Flask app factory: ``create_app(settings, model=...)``.
 
-The routes live in blueprints: the detection API (``http_app.routes``), the page at ``/``
-(``http_app.page``) and the OpenAPI schema and its docs page (``http_app.openapi``); errors
+The routes live in blueprints: the detection API (``http_app.routes``), the Open Inference
+Protocol (``http_app.v2``), the page at ``/`` (``http_app.page``) and the OpenAPI schema and its
+docs page (``http_app.openapi``); errors
 become JSON in ``http_app.errors``. Given a model (tests give a fake), building the app loads
 nothing; otherwise the configured model (``common.model.open_model``) starts loading in the
 background.
@@ -20,7 +21,7 @@ from common.logs import configure_logging
 from common.model import Model, open_model
 from common.observe import Observer
 from common.pipeline import DetectionService
-from http_app import errors, openapi, page, routes
+from http_app import errors, openapi, page, routes, v2
 
 
 def create_app(settings: Settings | None = None, model: Model | None = None) -> Flask:
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None, model: Model | None = None) -> 
         metrics.inference_counter("http"),
     )
     app.register_blueprint(routes.blueprint)
+    app.register_blueprint(v2.blueprint)
     app.register_blueprint(page.blueprint)
     app.register_blueprint(openapi.blueprint)
     errors.register(app)

@@ -1,7 +1,8 @@
 """Data-plane errors and HTTP errors as the service's JSON error answers, in one place.
 
-Every error leaves as ``{"error": {"code": ..., "message": ...}}`` (``common.api.ErrorResponse``)
-with the status of ``HTTP_STATUS``; werkzeug's own errors (404, 405 with its ``Allow``, 413) keep
+Every error leaves as ``{"error": {"code": ..., "message": ...}}`` (``common.api.ErrorResponse``;
+under ``/v2``, the Open Inference Protocol's ``{"error": "..."}``) with the status of
+``HTTP_STATUS``; werkzeug's own errors (404, 405 with its ``Allow``, 413) keep
 their status and headers but get the same body. A traceback only goes to the log.
 """
 
@@ -14,12 +15,14 @@ from werkzeug.exceptions import HTTPException
 
 from common import errors
 from common.api import ErrorDetail, ErrorResponse
+from common.api_v2 import Error as V2Error
 
 log = logging.getLogger(__name__)
 
 HTTP_STATUS = {
     errors.InvalidRequest: 400,
     errors.ForbiddenTarget: 403,
+    errors.NotFound: 404,
     errors.TooLarge: 413,
     errors.NotAnImage: 422,
     errors.UpstreamFailed: 502,
@@ -37,9 +40,15 @@ def http_status(exc: errors.DetectionError | None) -> int:
     return 200 if exc is None else HTTP_STATUS.get(type(exc), 500)
 
 
+# The Open Inference Protocol's routes write an error as the protocol does: {"error": "..."}.
+V2_PREFIX = "/v2"
+
+
 def error_response(status: int, code: str, message: str) -> Response:
-    body = ErrorResponse(error=ErrorDetail(code=code, message=message))
-    response = jsonify(body.json_dict())
+    if request.path == V2_PREFIX or request.path.startswith(V2_PREFIX + "/"):
+        response = jsonify(V2Error(error=message).model_dump())
+    else:
+        response = jsonify(ErrorResponse(error=ErrorDetail(code=code, message=message)).json_dict())
     response.status_code = status
     return response
 

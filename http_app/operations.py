@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from common import api
+from common import api, api_v2
 
 REF = "#/components/schemas/{model}"
 TEXT = {"type": "string"}
@@ -52,6 +52,11 @@ class Operation:
     path_parameters: dict[str, str] = field(default_factory=dict)  # name -> an example
     errors: Sequence[int] = ()
     request_id: bool = False  # takes and answers X-Request-ID
+    error_model: type[BaseModel] = api.ErrorResponse
+    # statuses answered with a body other than the error model: status -> (description, type)
+    answers: dict[int, tuple[str, Any]] = field(default_factory=dict)
+    # path parameters whose values are known: name -> JSON Schema (x-setting markers allowed)
+    path_schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 _ASSET = {"text/javascript": TEXT, "text/css": TEXT, "image/png": BINARY, "application/json": TEXT}
@@ -184,3 +189,88 @@ and get back the objects in it. The same service is offered over gRPC (`protos/i
 
 Every error answer is `{"error": {"code": "...", "message": "..."}}`; the limits are the \
 deployment's settings (docs/configuration.md), written into this schema as configured."""
+
+
+# -- the Open Inference Protocol (http_app.v2) ---------------------------------------------------
+
+_MODEL: dict[str, dict[str, Any]] = {"name": {"type": "string", "x-setting-enum": "v2_model_name"}}
+_VERSIONED: dict[str, dict[str, Any]] = _MODEL | {"version": {"type": "string", "enum": ["1"]}}
+_NOT_READY = {503: ("Not ready: the model is not loaded.", api_v2.Ready)}
+_V2_BINARY = (
+    "With the binary tensor data extension: the answer's JSON (its length in the "
+    "`Inference-Header-Content-Length` header), then the binary outputs' data."
+)
+
+
+def _v2(path: str, operation_id: str, summary: str, ok: dict[str, Any], **more: Any) -> list[Operation]:
+    """An operation of the protocol; one of the model also has its ``/versions/{version}`` form."""
+    forms: list[tuple[str, str, dict[str, dict[str, Any]]]] = [
+        (path, operation_id, _MODEL if "{name}" in path else {})
+    ]
+    if "{name}" in path:
+        forms.append(
+            (path.replace("{name}", "{name}/versions/{version}"), operation_id + "Version", _VERSIONED)
+        )
+    return [
+        Operation(
+            form_path,
+            more.get("method", "get"),
+            form_id,
+            "open inference protocol",
+            summary,
+            ok,
+            error_model=api_v2.Error,
+            path_schemas=schemas,
+            **{key: value for key, value in more.items() if key != "method"},
+        )
+        for form_path, form_id, schemas in forms
+    ]
+
+
+V2_OPERATIONS = (
+    *_v2(
+        "/v2",
+        "v2ServerMetadata",
+        "The server's name, version and protocol extensions",
+        {"application/json": api_v2.ServerMetadata},
+    ),
+    *_v2(
+        "/v2/health/live",
+        "v2ServerLive",
+        "Liveness: 200 while the server runs",
+        {"application/json": api_v2.Live},
+    ),
+    *_v2(
+        "/v2/health/ready",
+        "v2ServerReady",
+        "Readiness: 200 once the model is loaded",
+        {"application/json": api_v2.Ready},
+        answers=_NOT_READY,
+    ),
+    *_v2(
+        "/v2/models/{name}",
+        "v2ModelMetadata",
+        "The model's inputs and outputs",
+        {"application/json": api_v2.ModelMetadata},
+        errors=(404,),
+    ),
+    *_v2(
+        "/v2/models/{name}/ready",
+        "v2ModelReady",
+        "Whether the model is loaded",
+        {"application/json": api_v2.Ready},
+        errors=(404,),
+        answers=_NOT_READY,
+    ),
+    *_v2(
+        "/v2/models/{name}/infer",
+        "v2ModelInfer",
+        "Detections in one image as tensors: labels, scores, boxes and, on request, masks",
+        {"application/json": api_v2.InferResponse, "application/octet-stream": BINARY},
+        method="post",
+        ok_description="The outputs in JSON; or, when any is asked in binary form: " + _V2_BINARY,
+        bodies={"application/json": api_v2.InferRequest},
+        errors=(*DETECTION_ERRORS, 404),
+        request_id=True,
+    ),
+)

@@ -9,14 +9,24 @@ known ones), which is why ``document`` is built per deployment rather than kept 
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from common import api
+from common import api, api_v2
 from common.config import Settings
-from http_app.operations import DESCRIPTION, ERRORS, GUNICORN_ERRORS, OPERATIONS, REF, TEXT, Operation
+from http_app.operations import (
+    DESCRIPTION,
+    ERRORS,
+    GUNICORN_ERRORS,
+    OPERATIONS,
+    REF,
+    TEXT,
+    V2_OPERATIONS,
+    Operation,
+)
 
 _HEADERS = {
     "RequestId": {
@@ -42,7 +52,8 @@ def _content(entries: dict[str, Any]) -> dict[str, Any]:
     return content
 
 
-def _error_response(status: int, request_id: bool) -> dict[str, Any]:
+def _error_response(status: int, operation: Operation) -> dict[str, Any]:
+    request_id = operation.request_id
     if status in GUNICORN_ERRORS:
         return {"description": GUNICORN_ERRORS[status], "content": {"text/html": {"schema": TEXT}}}
     headers: dict[str, Any] = {}
@@ -54,7 +65,7 @@ def _error_response(status: int, request_id: bool) -> dict[str, Any]:
         headers["Allow"] = {"$ref": "#/components/headers/Allow"}
     answer: dict[str, Any] = {
         "description": ERRORS[status],
-        "content": _content({"application/json": api.ErrorResponse}),
+        "content": _content({"application/json": operation.error_model}),
     }
     if headers:
         answer["headers"] = headers
@@ -106,6 +117,10 @@ def _operation(operation: Operation, schemas: dict[str, Any], categories: list[s
         "parameters": [
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}, "example": example}
             for name, example in operation.path_parameters.items()
+        ]
+        + [
+            {"name": name, "in": "path", "required": True, "schema": copy.deepcopy(schema)}
+            for name, schema in operation.path_schemas.items()
         ],
         "responses": {"200": answer},
     }
@@ -126,8 +141,13 @@ def _operation(operation: Operation, schemas: dict[str, Any], categories: list[s
         form = document["requestBody"]["content"].get("multipart/form-data")
         if form is not None:
             form["encoding"] = {"classes": {"style": "form", "explode": True}}
-    for status in sorted({*operation.errors, 405}):
-        document["responses"][str(status)] = _error_response(status, operation.request_id)
+    for status in sorted({*operation.errors, 405} - set(operation.answers)):
+        document["responses"][str(status)] = _error_response(status, operation)
+    for status, (description, model) in operation.answers.items():
+        document["responses"][str(status)] = {
+            "description": description,
+            "content": _content({"application/json": model}),
+        }
     return document
 
 
@@ -146,6 +166,12 @@ def _fill_settings(node: Any, settings: Settings, categories: list[str] | None) 
             if categories is not None:  # not known while the model loads
                 target = next(option for option in node.get("anyOf", [node]) if option.get("type") == "array")
                 target["items"] = {"type": "string", "enum": categories}
+        elif keyword == "classes-pattern":  # a comma-separated list of the model's names
+            if categories is not None:
+                name = "(?:" + "|".join(re.escape(category) for category in categories) + ")"
+                node["pattern"] = f"^(?:{name}(?:,{name})*)?$"
+        elif keyword == "enum":
+            node["enum"] = [getattr(settings, setting)]
         elif setting == "lowest_threshold":
             node[keyword] = api.lowest_threshold(settings)
         else:
@@ -183,6 +209,13 @@ MODELS = (
     api.Readiness,
     api.ErrorResponse,
     api.Options,
+    api_v2.InferRequest,
+    api_v2.InferResponse,
+    api_v2.ServerMetadata,
+    api_v2.ModelMetadata,
+    api_v2.Live,
+    api_v2.Ready,
+    api_v2.Error,
 )
 
 
@@ -200,8 +233,10 @@ def document(settings: Settings, categories: list[str] | None) -> dict[str, Any]
                 properties[field_name].pop("type")
         schemas[name] |= rules
     paths: dict[str, Any] = {}
-    for operation in OPERATIONS:
-        paths.setdefault(operation.path, {})[operation.method] = _operation(operation, schemas, categories)
+    for operation in (*OPERATIONS, *V2_OPERATIONS):
+        document_of = _operation(operation, schemas, categories)
+        _fill_settings(document_of["parameters"], settings, categories)
+        paths.setdefault(operation.path, {})[operation.method] = document_of
     return {
         "openapi": "3.1.0",
         "info": {"title": "instance-detector", "version": "1.0.0", "description": DESCRIPTION},
@@ -210,6 +245,7 @@ def document(settings: Settings, categories: list[str] | None) -> dict[str, Any]
             {"name": "detection", "description": "Objects in images"},
             {"name": "operations", "description": "Health, readiness and metrics"},
             {"name": "documentation", "description": "This schema, its docs page and the results page"},
+            {"name": "open inference protocol", "description": "KServe's v2 protocol, as Triton speaks it"},
         ],
         "paths": paths,
         "components": {"schemas": schemas, "headers": _HEADERS},
