@@ -26,6 +26,7 @@ from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops.poolers import _multiscale_roi_align, _setup_scales
 
+from common.model.accel import boxhead
 from common.model.accel.backend import AccelUnavailable, openvino_module
 from common.model.accel.cache import converted_graph_path, default_cache_dir
 from common.model.accel.graph import FEATURE_NAMES, FPN_LEVELS, SIZE_DIVISIBLE
@@ -68,9 +69,20 @@ class AcceleratedMaskRCNN:
         }
         self.compiled = core.compile_model(core.read_model(str(xml)), "CPU", config)
         self.request = self.compiled.create_infer_request()
-        # The torch copies of what the graph now does are no longer needed.
+        # The box head and predictor as a second graph, fp32 on both paths (``boxhead``).
+        heads = model.roi_heads
+        self.box_head = (
+            boxhead.BoxHeadGraph(
+                heads.box_head, heads.box_predictor, core, {**config, "INFERENCE_PRECISION_HINT": "f32"}
+            )
+            if boxhead.supported(heads.box_head, heads.box_predictor)
+            else None
+        )
+        # The torch copies of what the graphs now do are no longer needed.
         model.backbone = None
         model.rpn.head = None
+        if self.box_head is not None:
+            heads.box_head = heads.box_predictor = None
         self.roi_align_threads = max(1, roi_align_threads)
         self._pool = (
             ThreadPoolExecutor(self.roi_align_threads - 1, thread_name_prefix="roi-align")
@@ -155,8 +167,10 @@ class AcceleratedMaskRCNN:
             # RoIHeads.forward (inference, boxes only)
             heads = model.roi_heads
             box_features = self._box_roi_align(features, proposals, image_list.image_sizes)
-            box_features = heads.box_head(box_features)
-            class_logits, box_regression = heads.box_predictor(box_features)
+            if self.box_head is not None:
+                class_logits, box_regression = self.box_head(box_features)
+            else:
+                class_logits, box_regression = heads.box_predictor(heads.box_head(box_features))
             boxes, scores, labels = heads.postprocess_detections(
                 class_logits, box_regression, proposals, image_list.image_sizes
             )
