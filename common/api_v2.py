@@ -12,13 +12,33 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
 
 from common import api
 
 # Exactly what base64.b64decode(validate=True) accepts.
 BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 OutputName = Literal["labels", "scores", "boxes", "masks"]
+
+
+def _whole(value: float) -> int:
+    if not value.is_integer():
+        raise ValueError("must be a whole number")
+    return int(value)
+
+
+# An integer as JSON Schema has it: 5 and 5.0 alike (pydantic's strict int refuses 5.0).
+WholeNumber = Annotated[
+    float, Field(ge=0), AfterValidator(_whole), WithJsonSchema({"type": "integer", "minimum": 0})
+]
 
 
 class _Strict(BaseModel):
@@ -43,9 +63,9 @@ class InferParameters(_Strict):
     binary_data_output: bool | None = Field(
         None, description="Every output in binary form (the binary tensor data extension)."
     )
-    priority: Annotated[int, Field(ge=0)] | None = None
-    timeout: Annotated[int, Field(ge=0)] | None = None
-    sequence_id: int | str | None = None
+    priority: WholeNumber | None = None
+    timeout: WholeNumber | None = None
+    sequence_id: WholeNumber | str | None = None
     sequence_start: bool | None = None
     sequence_end: bool | None = None
 

@@ -56,6 +56,7 @@ URL_PATTERN = (
     f"{_BLANK}$"
 )
 _URL = re.compile(URL_PATTERN)
+_ZONE_ID = re.compile(r"[^/]*//(?:[^@/\[]*@)?\[[^\]]*%25")
 
 
 def validate_url(url, max_length: int) -> str:
@@ -77,6 +78,9 @@ def validate_url(url, max_length: int) -> str:
             "'url' is not a valid URL: it needs a host name of ASCII letters, digits, '-' and '_' "
             "(or an IPv6 address in brackets) and a port from 1 to 65535"
         )
+    if _ZONE_ID.match(stripped):
+        # a zone id names a network interface of this machine: only local addresses have one
+        raise ForbiddenTarget("refusing to fetch from an IPv6 address with a zone id (a local interface)")
     return stripped
 
 
