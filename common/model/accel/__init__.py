@@ -4,9 +4,9 @@
 
 - ``eager``: torchvision's model as is (``model([tensor])``), fp32; the reference.
 - ``exact`` (default): backbone + FPN + RPN head as one cached OpenVINO fp32 graph with Winograd
-  convolutions where they pay (``graph``, ``cache``, ``winograd``), the rest torchvision's own code
-  with a threaded box RoIAlign and no mask branch (``runtime``). Labels equal eager's; scores and
-  boxes agree to float rounding.
+  convolutions where they pay (``graph``, ``cache``, ``winograd``), the box head as a second fp32
+  graph (``boxhead``), the rest torchvision's own code with a threaded box RoIAlign and no mask
+  branch (``runtime``). Labels equal eager's; scores and boxes agree to float rounding.
 - ``fast``: as ``exact`` but the graph (direct convolutions) runs in bf16 where the CPU supports it
   (AVX-512 BF16 or AMX); answers deviate. On a CPU without bf16 it logs that and runs ``exact``.
 """

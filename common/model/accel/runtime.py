@@ -3,8 +3,10 @@
 ``AcceleratedMaskRCNN`` is called like torchvision's model in eval mode and gives the same answers:
 - backbone + FPN + RPN head run as the OpenVINO graph (``common.model.accel.graph``), fp32 for
   ``exact`` (set explicitly: OpenVINO's CPU default is bf16 where the CPU has it), bf16 for ``fast``;
+- the box head and box predictor (four fully connected layers) run as a second, small OpenVINO
+  graph, fp32 on both paths (``common.model.accel.boxhead``);
 - everything else is torchvision's own code, called piece by piece exactly as
-  ``GeneralizedRCNN.forward`` calls it (transform, anchors, proposal decoding and NMS, box head,
+  ``GeneralizedRCNN.forward`` calls it (transform, anchors, proposal decoding and NMS,
   post-processing), except that the box RoIAlign over the 1000 proposals, which torchvision runs
   single-threaded over all channels at once, runs in blocks of ``ROI_ALIGN_CHANNEL_BLOCK`` channels
   spread over ``ROI_ALIGN_THREADS`` threads (each value is one box's one channel, computed by
