@@ -37,10 +37,18 @@ class BoxHeadGraph:
         ops = ov.opset13
         fc6, fc7 = head.fc6, head.fc7
 
+        # The constants use the weights' own memory (memory-mapped from the weights file, see
+        # common.model.weights) instead of copies: the tensors are kept alive with the graph.
+        self._weights: list[torch.Tensor] = []
+
+        def constant(tensor: torch.Tensor):
+            tensor = tensor.detach().float().contiguous()
+            self._weights.append(tensor)
+            return ops.constant(tensor.numpy(), shared_memory=True)
+
         def linear(x, layer: torch.nn.Linear):
-            weight = ops.constant(layer.weight.detach().float().numpy())
-            bias = ops.constant(layer.bias.detach().float().numpy())
-            return ops.add(ops.matmul(x, weight, transpose_a=False, transpose_b=True), bias)
+            product = ops.matmul(x, constant(layer.weight), transpose_a=False, transpose_b=True)
+            return ops.add(product, constant(layer.bias))
 
         features = ops.parameter([-1, fc6.in_features], ov.Type.f32, name="box_features")
         hidden = ops.relu(linear(ops.relu(linear(features, fc6)), fc7))
