@@ -3,7 +3,7 @@
 That part is most of ``maskrcnn_resnet50_fpn``'s arithmetic. It is converted once per
 weights (``common.model.accel.cache`` keeps the result) into one OpenVINO graph with a dynamic
 input height and width. Where it pays, 3x3 convolutions are computed with Winograd's F(4x4, 3x3)
-(``common.model.accel.winograd``): 2.25x fewer multiplications, the same answers to float rounding.
+(``common.model.accel.winograd``): 4x fewer multiplications, the same answers to float rounding.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""3x3 convolutions with 2.25x fewer multiplications: Winograd's F(4x4, 3x3), in plain torch ops.
+"""3x3 convolutions with 4x fewer multiplications: Winograd's F(4x4, 3x3), in plain torch ops.
 
 On these CPUs the exact path's OpenVINO graph already runs its direct convolutions near the fp32
 peak, so the only way left to make it faster is less arithmetic. Winograd's minimal filtering
