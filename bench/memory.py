@@ -120,11 +120,9 @@ def sample(stack, named: dict[int, str]) -> dict[str, float]:
 
 def anon_kib(pid: int) -> int:
     """``Pss_Anon`` of one process (KiB; 0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as handle:
-            return next((int(line.split()[1]) for line in handle if line.startswith("Pss_Anon:")), 0)
-    except OSError:
-        return 0
+    from testkit.stack import smaps_rollup_kib
+
+    return smaps_rollup_kib(pid, "Pss_Anon")
 
 
 def run(args) -> dict:

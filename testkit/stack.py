@@ -49,13 +49,18 @@ def process_tree(root: int) -> list[int]:
     return found
 
 
-def pss_kib(pid: int) -> int:
-    """Proportional set size of one process (KiB; 0 once it is gone)."""
+def smaps_rollup_kib(pid: int, field: str) -> int:
+    """One field of a process's /proc/<pid>/smaps_rollup, e.g. "Pss" (KiB; 0 once it is gone)."""
     try:
         with open(f"/proc/{pid}/smaps_rollup") as handle:
-            return next((int(line.split()[1]) for line in handle if line.startswith("Pss:")), 0)
+            return next((int(line.split()[1]) for line in handle if line.startswith(f"{field}:")), 0)
     except OSError:
         return 0
+
+
+def pss_kib(pid: int) -> int:
+    """Proportional set size of one process (KiB; 0 once it is gone)."""
+    return smaps_rollup_kib(pid, "Pss")
 
 
 def tree_pss_mib(root: int) -> float:
