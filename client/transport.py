@@ -25,14 +25,6 @@ class Options:
     classes: tuple[str, ...]
     masks: str  # "none" or one of MASK_FORMATS
 
-    @property
-    def polygons(self) -> bool:
-        return self.masks in ("polygons", "both")
-
-    @property
-    def rle(self) -> bool:
-        return self.masks in ("rle", "both")
-
 
 class ServiceError(Exception):
     """The service cannot be reached, refused a whole batch, or broke off its answer."""
