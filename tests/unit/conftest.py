@@ -12,6 +12,9 @@ METRICS_DIR = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp
 
 import pytest  # noqa: E402
 
+from testkit.image_server import ImageServer  # noqa: E402
+from testkit.images import encode, scene  # noqa: E402
+
 
 @pytest.fixture
 def run_dir(tmp_path):
@@ -22,3 +25,15 @@ def run_dir(tmp_path):
     path.mkdir()
     (path / "metrics").symlink_to(METRICS_DIR, target_is_directory=True)
     return path
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Images on 127.0.0.1 for the in-process apps (which allow its port): a 64x48 scene, a text
+    body and a 404; tests add their own."""
+    server = ImageServer()
+    server.add("/img/scene.png", encode(scene(64, 48), "PNG"), "image/png")
+    server.add("/img/text", b"not an image", "text/plain")
+    server.add("/img/missing", b"", status=404)
+    yield server
+    server.close()

@@ -22,21 +22,10 @@ from grpc_app.server import build_server
 from grpc_app.servicer import SERVICE_NAME
 from grpc_app.stubs import inference_pb2, inference_pb2_grpc
 from testkit.fake_model import FakeModel
-from testkit.image_server import ImageServer
 from testkit.images import encode, scene
 from testkit.stack import free_port
 
 PNG = encode(scene(64, 48), "PNG")
-
-
-@pytest.fixture(scope="module")
-def images():
-    server = ImageServer()
-    server.add("/img/scene.png", PNG, "image/png")
-    server.add("/img/text", b"not an image", "text/plain")
-    server.add("/img/missing", b"", status=404)
-    yield server
-    server.close()
 
 
 class Running:

@@ -16,20 +16,9 @@ from common import api
 from common.config import Settings
 from http_app.app import create_app
 from testkit.fake_model import CATEGORIES, FakeModel
-from testkit.image_server import ImageServer
 from testkit.images import encode, scene
 
 PNG = encode(scene(64, 48), "PNG")
-
-
-@pytest.fixture(scope="module")
-def images():
-    server = ImageServer()
-    server.add("/img/scene.png", PNG, "image/png")
-    server.add("/img/text", b"not an image", "text/plain")
-    server.add("/img/missing", b"", status=404)
-    yield server
-    server.close()
 
 
 @pytest.fixture
