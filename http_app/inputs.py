@@ -11,6 +11,7 @@ text, so their values are converted, and ``classes`` may be repeated or comma-se
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from flask import request
@@ -24,6 +25,9 @@ from common.model import DetectOptions
 from common.pipeline import ImageSource
 
 Model = TypeVar("Model", bound=BaseModel)
+
+# The served model's category names (None while it loads), asked when needed.
+Categories = Callable[[], list[str] | None]
 
 # Form fields and query parameters that may be given more than once.
 _LISTS = ("classes", "url")
@@ -45,14 +49,19 @@ def body(limit: int) -> bytes:
     return raw
 
 
-def json_object(limit: int, example: str) -> dict[str, Any]:
+def parse_json_object(raw: bytes, problem: str) -> dict[str, Any]:
+    """``raw`` parsed as a JSON object; otherwise InvalidRequest(``problem``)."""
     try:
-        parsed = json.loads(body(limit))
+        parsed = json.loads(raw)
     except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested too deeply
         parsed = None
     if not isinstance(parsed, dict):
-        raise errors.InvalidRequest(f"the body must be a JSON object like {example}")
+        raise errors.InvalidRequest(problem)
     return parsed
+
+
+def json_object(limit: int, example: str) -> dict[str, Any]:
+    return parse_json_object(body(limit), f"the body must be a JSON object like {example}")
 
 
 def body_kind() -> str:
@@ -90,19 +99,20 @@ def text_values(fields: MultiDict, where: str) -> dict[str, Any]:
     return values
 
 
-def query_options(settings: Settings, categories: list[str] | None) -> api.Options:
-    """The query string's options; ``categories`` (the model's names, None while it loads) bound
-    how many classes it may name."""
+def query_options(settings: Settings, categories: Categories) -> api.Options:
+    """The query string's options; ``categories`` (the model's names, None while it loads; asked
+    only when the query names classes) bound how many classes it may name."""
     values = text_values(request.args, "query string")
-    limit = api.query_classes_limit(categories)
-    if len(values.get("classes", ())) > limit:
-        raise errors.InvalidRequest(
-            f"the query string may name at most {limit} classes; name more in the body"
-        )
+    if "classes" in values:
+        limit = api.query_classes_limit(categories())
+        if len(values["classes"]) > limit:
+            raise errors.InvalidRequest(
+                f"the query string may name at most {limit} classes; name more in the body"
+            )
     return checked(api.Options, values, "query parameters", settings, False)
 
 
-def with_query(options: api.Options, settings: Settings, categories: list[str] | None) -> DetectOptions:
+def with_query(options: api.Options, settings: Settings, categories: Categories) -> DetectOptions:
     """The body's options, completed by those of the query string."""
     query = query_options(settings, categories)
     given = {
@@ -133,7 +143,7 @@ def _files(files: MultiDict, settings: Settings) -> list[ImageSource]:
     return [_upload(storage, settings.fetch_max_bytes) for storage in files.getlist("image")]
 
 
-def one_image(settings: Settings, categories: list[str] | None) -> tuple[ImageSource, DetectOptions]:
+def one_image(settings: Settings, categories: Categories) -> tuple[ImageSource, DetectOptions]:
     """The image and options of a ``/v1/detect`` request, however it was sent."""
     kind = body_kind()
     if kind == "raw":
@@ -153,7 +163,7 @@ def one_image(settings: Settings, categories: list[str] | None) -> tuple[ImageSo
     return ImageSource(url=request_body.url), with_query(request_body, settings, categories)
 
 
-def many_images(settings: Settings, categories: list[str] | None) -> tuple[list[ImageSource], DetectOptions]:
+def many_images(settings: Settings, categories: Categories) -> tuple[list[ImageSource], DetectOptions]:
     """The images and options of a ``/v1/detect/batch`` request (JSON or multipart)."""
     kind = body_kind()
     if kind == "multipart":

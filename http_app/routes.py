@@ -71,7 +71,7 @@ def detect():
     context = _api()
     with context.observer.request(request.headers.get("X-Request-ID"), "detect") as record:
         g.request_id = record.request_id
-        source, options = inputs.one_image(context.settings, context.service.model.categories())
+        source, options = inputs.one_image(context.settings, context.service.model.categories)
         detection = context.service.detect(source, options, record, client_alive())
     return jsonify(api.DetectResponse.of(detection).json_dict())
 
@@ -81,7 +81,7 @@ def detect_batch():
     context = _api()
     batch_id = g.request_id = request_id(request.headers.get("X-Request-ID"))
     try:
-        sources, options = inputs.many_images(context.settings, context.service.model.categories())
+        sources, options = inputs.many_images(context.settings, context.service.model.categories)
         run = context.service.start_batch(
             sources,
             options,

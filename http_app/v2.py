@@ -10,9 +10,8 @@ import json
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
-from pydantic import ValidationError
 
-from common import api, api_v2, errors, open_inference
+from common import api_v2, errors, open_inference
 from common.open_inference import Tensor
 from http_app import inputs
 from http_app.routes import Api, client_alive
@@ -28,7 +27,7 @@ def _api() -> Api:
 
 
 def _ready() -> bool:
-    return _api().service.status()[0] == "ready"
+    return _api().service.is_ready()
 
 
 @blueprint.get("")
@@ -105,16 +104,8 @@ def _request(settings) -> tuple[Body, Tensor]:
 
 
 def _checked(model, raw: bytes, settings):
-    try:
-        values = json.loads(raw)
-    except (ValueError, RecursionError):
-        values = None
-    if not isinstance(values, dict):
-        raise errors.InvalidRequest("the request must be a JSON object (an inference request)")
-    try:
-        return model.model_validate(values, strict=True, context={"settings": settings})
-    except ValidationError as exc:
-        raise api.validation_problem(exc, "fields") from None
+    values = inputs.parse_json_object(raw, "the request must be a JSON object (an inference request)")
+    return inputs.checked(model, values, "fields", settings, True)
 
 
 def _answer(body: Body, tensors: list[Tensor], model: str) -> Response:
