@@ -67,6 +67,9 @@ class DetectionService:
         """(state, message): state is 'ready', 'loading' or 'failed'."""
         return self.model.status()
 
+    def is_ready(self) -> bool:
+        return self.status()[0] == "ready"
+
     def categories(self) -> list[str]:
         """The names the served model can report; ``NotReady`` while it is not loaded."""
         categories = self.model.categories()

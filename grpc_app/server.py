@@ -64,7 +64,7 @@ def _report_readiness(service: DetectionService, health_servicer) -> None:
     restarts); after ``enter_graceful_shutdown`` the servicer ignores further updates."""
     serving = None
     while True:
-        now_serving = service.status()[0] == "ready"
+        now_serving = service.is_ready()
         if now_serving != serving:
             serving = now_serving
             status = (

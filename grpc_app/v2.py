@@ -54,7 +54,7 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
         self.observer = Observer("grpc", lambda exc: grpc_status(exc).name)
 
     def _ready(self) -> bool:
-        return self.service.status()[0] == "ready"
+        return self.service.is_ready()
 
     def ServerLive(self, request, context):
         return pb2.ServerLiveResponse(live=True)
